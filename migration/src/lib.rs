@@ -1,0 +1,11 @@
+//! Ferry's migration core.
+//!
+//! - [`options`]: QEMU's migration capabilities and parameters, their
+//!   compatibility rules, range checks and error texts, and the hooks through
+//!   which a changed setting reaches a running migration.
+//! - [`uffd`]: userfaultfd access and the write-tracking probe.
+//! - [`xbzrle`]: QEMU's XBZRLE delta encoding and its page cache.
+
+pub mod options;
+pub mod uffd;
+pub mod xbzrle;

@@ -1,0 +1,1 @@
+//! userfaultfd: opening, feature probing, write-protect.

@@ -1,0 +1,1 @@
+//! XBZRLE delta encoding and page cache.

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs Ferry's whole test suite (the README's test command; .ci/run calls it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cargo build --release --workspace --bins
+./target/release/ferry probe || true
+export FERRY_BIN="$PWD/target/release/ferry"
+export FERRY_PYTHON="$PWD/.venv/bin/python"
+cargo test --release --workspace -- --test-threads="${FERRY_TEST_THREADS:-2}"

@@ -1,0 +1,1 @@
+//! QMP: QEMU Machine Protocol server and client.
