@@ -3,9 +3,11 @@
 //! - [`options`]: QEMU's migration capabilities and parameters, their
 //!   compatibility rules, range checks and error texts, and the hooks through
 //!   which a changed setting reaches a running migration.
+//! - [`qapi`]: QAPI input-visitor semantics for QMP arguments, with QEMU's error texts.
 //! - [`uffd`]: userfaultfd access and the write-tracking probe.
 //! - [`xbzrle`]: QEMU's XBZRLE delta encoding and its page cache.
 
 pub mod options;
+pub mod qapi;
 pub mod uffd;
 pub mod xbzrle;
