@@ -7,7 +7,11 @@
 //! - [`uffd`]: userfaultfd access and the write-tracking probe.
 //! - [`xbzrle`]: QEMU's XBZRLE delta encoding and its page cache.
 
+pub mod auto_converge;
+pub mod convergence;
+pub mod info;
 pub mod options;
 pub mod qapi;
+pub mod rate_limit;
 pub mod uffd;
 pub mod xbzrle;
