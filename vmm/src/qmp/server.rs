@@ -26,10 +26,11 @@
 //!
 //! Shutdown: [`ServerHandle::shutdown`] (callable from a command handler,
 //! e.g. `quit`) stops accepting, removes the socket file and stops reading
-//! from clients; queued output (the `quit` response, a final `SHUTDOWN`
-//! event) is still written. [`QmpServer::join`] (or dropping the server)
-//! then waits for the client threads, forcing connections closed after a
-//! short grace period.
+//! from clients; queued output (the `quit` response) is still written, and
+//! events emitted until `join` (a final `SHUTDOWN`) still reach negotiated
+//! clients. [`QmpServer::join`] (or dropping the server) then stops event
+//! delivery, lets writers flush for a short grace period, closes the
+//! connections and waits for the client threads.
 
 use std::io::{self, Read};
 use std::net::Shutdown;
@@ -48,7 +49,7 @@ use nix::sys::socket::{send, MsgFlags};
 use thiserror::Error;
 
 use super::dispatch::Dispatcher;
-use super::events::{EventBus, Outgoing};
+use super::events::{EventBus, Outgoing, Subscription};
 use super::framing::{JsonStreamer, Limits, Message};
 use super::listener::{bind_private, remove_if_ours, SocketFile};
 use super::request::is_oob;
@@ -121,6 +122,14 @@ impl Client {
     }
 }
 
+/// Event subscriptions of clients whose session ended during shutdown.
+#[derive(Default)]
+struct Lingering {
+    /// Set by `join`: from then on subscriptions are dropped, not kept.
+    closing: bool,
+    subscriptions: Vec<Subscription>,
+}
+
 struct Shared {
     path: PathBuf,
     socket_file: SocketFile,
@@ -128,6 +137,7 @@ struct Shared {
     stopping: AtomicBool,
     clients: Mutex<Vec<Client>>,
     changed: Condvar,
+    lingering: Mutex<Lingering>,
     dispatcher: Arc<dyn Dispatcher>,
     events: EventBus,
     session: Arc<SessionConfig>,
@@ -141,6 +151,28 @@ impl Shared {
 
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Ends a client's event subscription when its session ends; during a
+    /// shutdown it is kept until `join`, so events emitted after `quit` (like
+    /// QEMU's `SHUTDOWN`) still reach the client.
+    fn retire(&self, subscription: Subscription) {
+        if self.stopping() {
+            let mut lingering = self.lingering.lock().unwrap_or_else(|e| e.into_inner());
+            if !lingering.closing {
+                lingering.subscriptions.push(subscription);
+            }
+        }
+    }
+
+    /// Stops event delivery to clients whose sessions ended, so their writers finish.
+    fn close_lingering(&self) {
+        let subscriptions = {
+            let mut lingering = self.lingering.lock().unwrap_or_else(|e| e.into_inner());
+            lingering.closing = true;
+            std::mem::take(&mut lingering.subscriptions)
+        };
+        drop(subscriptions);
     }
 }
 
@@ -225,6 +257,7 @@ impl QmpServer {
             stopping: AtomicBool::new(false),
             clients: Mutex::new(Vec::new()),
             changed: Condvar::new(),
+            lingering: Mutex::new(Lingering::default()),
             dispatcher,
             events,
             session: Arc::new(config.session.clone()),
@@ -267,6 +300,7 @@ impl QmpServer {
             let _ = accept.join();
         }
         let shared = &self.handle.shared;
+        shared.close_lingering();
         let deadline = Instant::now() + JOIN_GRACE;
         let mut clients = shared.clients();
         while clients.iter().any(|c| !c.done()) {
@@ -435,8 +469,8 @@ fn try_start_client(shared: &Arc<Shared>, stream: UnixStream) -> io::Result<()> 
             .name("qmp-worker".into())
             .spawn(move || {
                 let _g = g;
-                let _subscription = subscription;
                 worker(&worker_session, in_rx, worker_out, &worker_shared);
+                worker_shared.retire(subscription);
             })?,
     );
 
