@@ -6,8 +6,6 @@
 //! The benchmark includes this file (`#[path]`) to compare against the
 //! model's speed.
 
-#![allow(dead_code)]
-
 use migration::xbzrle::{encode_with, Kernel};
 
 /// QEMU's `uleb128_encode_small`: lengths up to 0x3fff in one or two bytes.
@@ -227,7 +225,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
+        #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
 
         #[test]
         fn random_pages_and_rooms_match_qemu(

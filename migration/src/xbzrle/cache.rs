@@ -295,7 +295,7 @@ impl PageCache {
             .filter(|e| e.data.is_some())
             .collect();
         // Newest first; equal generations keep their table order.
-        old.sort_by(|a, b| b.generation.cmp(&a.generation));
+        old.sort_by_key(|e| std::cmp::Reverse(e.generation));
         for entry in old {
             let range = resized.set_range(entry.addr);
             let start = range.start;

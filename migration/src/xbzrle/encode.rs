@@ -76,8 +76,8 @@ impl Kernel {
 ///
 /// Returns `Some(0)` when the pages are identical, `Some(n)` when the delta
 /// is the first `n` bytes of `dst`, and `None` ("overflow") when the delta
-/// would not fit in `dst` (QEMU's -1); the bytes of `dst` are then
-/// unspecified.
+/// would not fit in `dst` (QEMU's -1). Bytes of `dst` past the delta (all
+/// of them on overflow) are unspecified.
 ///
 /// # Panics
 ///
@@ -151,7 +151,7 @@ unsafe fn encode_avx2(old: &[u8], new: &[u8], dst: &mut [u8]) -> Option<usize> {
 unsafe fn encode_core<K: DiffMask>(old: &[u8], new: &[u8], dst: &mut [u8]) -> Option<usize> {
     let slen = old.len();
     let dlen = dst.len();
-    let scan = Scan::<K>::new(old, new);
+    let mut scan = Scan::<K>::new(old, new);
     let mut pos = 0;
     let mut d = 0;
     loop {
@@ -175,7 +175,7 @@ unsafe fn encode_core<K: DiffMask>(old: &[u8], new: &[u8], dst: &mut [u8]) -> Op
         }
         d += uleb128::encode(zrun as u32, &mut dst[d..]);
         d += uleb128::encode(nzrun as u32, &mut dst[d..]);
-        dst[d..d + nzrun].copy_from_slice(&new[changed..same]);
+        copy_run(&mut dst[d..], new, changed, nzrun);
         d += nzrun;
         if same == slen {
             return Some(d);
@@ -184,12 +184,34 @@ unsafe fn encode_core<K: DiffMask>(old: &[u8], new: &[u8], dst: &mut [u8]) -> Op
     }
 }
 
-/// Finds run boundaries in a page pair with kernel `K`.
+/// Copies `new[at..at + len]` to the start of `out` (which has room for
+/// `len` bytes). Short runs, the common case, are copied as one 16-byte
+/// move when both sides have 16 bytes, rather than through `memcpy`; the
+/// bytes past `len` written then are overwritten by what follows or lie
+/// past the end of the delta.
+#[inline(always)]
+fn copy_run(out: &mut [u8], new: &[u8], at: usize, len: usize) {
+    const SHORT: usize = 16;
+    if len <= SHORT {
+        if let (Some(o), Some(n)) = (out.get_mut(..SHORT), new.get(at..at + SHORT)) {
+            o.copy_from_slice(n);
+            return;
+        }
+    }
+    out[..len].copy_from_slice(&new[at..at + len]);
+}
+
+/// Finds run boundaries in a page pair with kernel `K`, keeping the mask of
+/// the block it is in.
 struct Scan<'a, K> {
     old: &'a [u8],
     new: &'a [u8],
     /// Number of blocks, the last one possibly partial.
     blocks: usize,
+    /// The block whose mask is in `mask` (`usize::MAX`: none yet).
+    block: usize,
+    /// Difference mask of `block`.
+    mask: u64,
     kernel: std::marker::PhantomData<K>,
 }
 
@@ -200,32 +222,43 @@ impl<'a, K: DiffMask> Scan<'a, K> {
             old,
             new,
             blocks: old.len().div_ceil(BLOCK),
+            block: usize::MAX,
+            mask: 0,
             kernel: std::marker::PhantomData,
         }
     }
 
-    /// Difference mask of block `b`; bits past the page's end are clear.
+    /// Makes `b` the current block and returns its mask; bits past the
+    /// page's end are clear.
     ///
     /// # Safety
     ///
     /// The CPU must support kernel `K`'s features.
     #[inline(always)]
-    unsafe fn mask(&self, b: usize) -> u64 {
-        let start = b * BLOCK;
-        let range = start..start + BLOCK;
-        match (self.old.get(range.clone()), self.new.get(range)) {
-            (Some(o), Some(n)) => {
-                match (<&[u8; BLOCK]>::try_from(o), <&[u8; BLOCK]>::try_from(n)) {
-                    // SAFETY: forwarded from this function's contract.
-                    (Ok(o), Ok(n)) => unsafe { K::diff(o, n) },
-                    _ => partial_diff(o, n),
-                }
-            }
-            _ => partial_diff(
-                self.old.get(start..).unwrap_or_default(),
-                self.new.get(start..).unwrap_or_default(),
-            ),
+    unsafe fn load(&mut self, b: usize) -> u64 {
+        if b != self.block {
+            let start = b * BLOCK;
+            let range = start..start + BLOCK;
+            let whole = self
+                .old
+                .get(range.clone())
+                .and_then(|o| <&[u8; BLOCK]>::try_from(o).ok())
+                .zip(
+                    self.new
+                        .get(range)
+                        .and_then(|n| <&[u8; BLOCK]>::try_from(n).ok()),
+                );
+            self.mask = match whole {
+                // SAFETY: forwarded from this function's contract.
+                Some((o, n)) => unsafe { K::diff(o, n) },
+                None => partial_diff(
+                    self.old.get(start..).unwrap_or_default(),
+                    self.new.get(start..).unwrap_or_default(),
+                ),
+            };
+            self.block = b;
         }
+        self.mask
     }
 
     /// First offset at or after `pos` where the pages differ, or the page
@@ -233,24 +266,29 @@ impl<'a, K: DiffMask> Scan<'a, K> {
     ///
     /// # Safety
     ///
-    /// As [`Scan::mask`].
+    /// As [`Scan::load`].
     #[inline(always)]
-    unsafe fn next_changed(&self, pos: usize) -> usize {
-        let mut b = pos / BLOCK;
+    unsafe fn next_changed(&mut self, pos: usize) -> usize {
+        let b = pos / BLOCK;
         if b >= self.blocks {
             return self.old.len();
         }
         // SAFETY: forwarded.
-        let mut m = unsafe { self.mask(b) } & (!0u64 << (pos % BLOCK));
-        while m == 0 {
-            b += 1;
-            if b >= self.blocks {
-                return self.old.len();
-            }
-            // SAFETY: forwarded.
-            m = unsafe { self.mask(b) };
+        let m = unsafe { self.load(b) } & (!0u64 << (pos % BLOCK));
+        if m != 0 {
+            return b * BLOCK + m.trailing_zeros() as usize;
         }
-        b * BLOCK + m.trailing_zeros() as usize
+        // SAFETY: forwarded.
+        let b = unsafe { K::skip_equal(self.old, self.new, (b + 1) * BLOCK) } / BLOCK;
+        if b >= self.blocks {
+            return self.old.len();
+        }
+        // SAFETY: forwarded.
+        match unsafe { self.load(b) } {
+            // Only a partial last block can be equal here.
+            0 => self.old.len(),
+            m => b * BLOCK + m.trailing_zeros() as usize,
+        }
     }
 
     /// First offset at or after `pos` where the pages are equal, or the page
@@ -258,22 +296,22 @@ impl<'a, K: DiffMask> Scan<'a, K> {
     ///
     /// # Safety
     ///
-    /// As [`Scan::mask`].
+    /// As [`Scan::load`].
     #[inline(always)]
-    unsafe fn next_same(&self, pos: usize) -> usize {
+    unsafe fn next_same(&mut self, pos: usize) -> usize {
         let mut b = pos / BLOCK;
         if b >= self.blocks {
             return self.old.len();
         }
         // SAFETY: forwarded.
-        let mut m = !unsafe { self.mask(b) } & (!0u64 << (pos % BLOCK));
+        let mut m = !unsafe { self.load(b) } & (!0u64 << (pos % BLOCK));
         while m == 0 {
             b += 1;
             if b >= self.blocks {
                 return self.old.len();
             }
             // SAFETY: forwarded.
-            m = !unsafe { self.mask(b) };
+            m = !unsafe { self.load(b) };
         }
         // Bits past the end of a partial block read as "equal".
         (b * BLOCK + m.trailing_zeros() as usize).min(self.old.len())

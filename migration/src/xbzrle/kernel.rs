@@ -22,6 +22,22 @@ pub(crate) trait DiffMask {
     ///
     /// The CPU must support the kernel's features.
     unsafe fn diff(old: &[u8; BLOCK], new: &[u8; BLOCK]) -> u64;
+
+    /// The first offset `o >= from`, a multiple of [`BLOCK`] if `from` is,
+    /// such that the block at `o` differs; or the end of the last whole
+    /// block when every whole block from `from` on is equal. Skips equal
+    /// stretches without building masks.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must support the kernel's features.
+    unsafe fn skip_equal(old: &[u8], new: &[u8], from: usize) -> usize;
+}
+
+/// The end of the last whole block of a page pair.
+#[inline(always)]
+fn whole_end(old: &[u8], new: &[u8]) -> usize {
+    old.len().min(new.len()) / BLOCK * BLOCK
 }
 
 /// Portable kernel: eight 64-bit XORs, each folded to an 8-bit mask.
@@ -31,6 +47,19 @@ impl DiffMask for Scalar {
     #[inline(always)]
     unsafe fn diff(old: &[u8; BLOCK], new: &[u8; BLOCK]) -> u64 {
         scalar_diff(old, new)
+    }
+
+    #[inline(always)]
+    unsafe fn skip_equal(old: &[u8], new: &[u8], from: usize) -> usize {
+        let end = whole_end(old, new);
+        let mut off = from;
+        while off + BLOCK <= end {
+            if old.get(off..off + BLOCK) != new.get(off..off + BLOCK) {
+                return off;
+            }
+            off += BLOCK;
+        }
+        off.max(end)
     }
 }
 
@@ -89,6 +118,41 @@ impl DiffMask for Sse2 {
         }
         !equal
     }
+
+    #[inline(always)]
+    unsafe fn skip_equal(old: &[u8], new: &[u8], from: usize) -> usize {
+        use core::arch::x86_64::{
+            _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_setzero_si128,
+            _mm_xor_si128,
+        };
+        let end = whole_end(old, new);
+        let mut off = from;
+        while off + BLOCK <= end {
+            // SAFETY: SSE2 is part of the x86-64 baseline; the loads read
+            // bytes off..off+64 of both slices, and off + 64 <= end <= the
+            // length of each.
+            let same = unsafe {
+                let o = old.as_ptr().add(off);
+                let n = new.as_ptr().add(off);
+                let mut any = _mm_setzero_si128();
+                for k in 0..BLOCK / 16 {
+                    any = _mm_or_si128(
+                        any,
+                        _mm_xor_si128(
+                            _mm_loadu_si128(o.add(16 * k).cast()),
+                            _mm_loadu_si128(n.add(16 * k).cast()),
+                        ),
+                    );
+                }
+                _mm_movemask_epi8(_mm_cmpeq_epi8(any, _mm_setzero_si128())) == 0xffff
+            };
+            if !same {
+                return off;
+            }
+            off += BLOCK;
+        }
+        off.max(end)
+    }
 }
 
 /// AVX2 kernel: two 32-byte compares.
@@ -102,6 +166,75 @@ impl DiffMask for Avx2 {
         // SAFETY: the caller guarantees AVX2 (this trait's contract).
         unsafe { avx2_diff(old, new) }
     }
+
+    #[inline(always)]
+    unsafe fn skip_equal(old: &[u8], new: &[u8], from: usize) -> usize {
+        // SAFETY: the caller guarantees AVX2 (this trait's contract).
+        unsafe { avx2_skip_equal(old, new, from) }
+    }
+}
+
+/// [`DiffMask::skip_equal`] for AVX2: 128 bytes per step while equal.
+///
+/// # Safety
+///
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn avx2_skip_equal(old: &[u8], new: &[u8], from: usize) -> usize {
+    use core::arch::x86_64::{
+        _mm256_loadu_si256, _mm256_or_si256, _mm256_testz_si256, _mm256_xor_si256,
+    };
+    let end = whole_end(old, new);
+    let mut off = from;
+    while off + 2 * BLOCK <= end {
+        // SAFETY: AVX2 is enabled here and the caller guarantees the CPU
+        // has it; the loads read bytes off..off+128 of both slices, and
+        // off + 128 <= end <= the length of each.
+        let same = unsafe {
+            let o = old.as_ptr().add(off);
+            let n = new.as_ptr().add(off);
+            let x0 = _mm256_xor_si256(_mm256_loadu_si256(o.cast()), _mm256_loadu_si256(n.cast()));
+            let x1 = _mm256_xor_si256(
+                _mm256_loadu_si256(o.add(32).cast()),
+                _mm256_loadu_si256(n.add(32).cast()),
+            );
+            let x2 = _mm256_xor_si256(
+                _mm256_loadu_si256(o.add(64).cast()),
+                _mm256_loadu_si256(n.add(64).cast()),
+            );
+            let x3 = _mm256_xor_si256(
+                _mm256_loadu_si256(o.add(96).cast()),
+                _mm256_loadu_si256(n.add(96).cast()),
+            );
+            let any = _mm256_or_si256(_mm256_or_si256(x0, x1), _mm256_or_si256(x2, x3));
+            _mm256_testz_si256(any, any) != 0
+        };
+        if !same {
+            break;
+        }
+        off += 2 * BLOCK;
+    }
+    while off + BLOCK <= end {
+        // SAFETY: as above, for bytes off..off+64.
+        let same = unsafe {
+            let o = old.as_ptr().add(off);
+            let n = new.as_ptr().add(off);
+            let x0 = _mm256_xor_si256(_mm256_loadu_si256(o.cast()), _mm256_loadu_si256(n.cast()));
+            let x1 = _mm256_xor_si256(
+                _mm256_loadu_si256(o.add(32).cast()),
+                _mm256_loadu_si256(n.add(32).cast()),
+            );
+            let any = _mm256_or_si256(x0, x1);
+            _mm256_testz_si256(any, any) != 0
+        };
+        if !same {
+            return off;
+        }
+        off += BLOCK;
+    }
+    off.max(end)
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -135,11 +135,13 @@ mod tests {
 
     #[test]
     fn rates_are_per_period() {
-        let mut c = XbzrleCounters::default();
         // Period 1: 10 pages sent, 4 misses, 2 hits encoded in 100 bytes.
-        c.cache_miss = 4;
-        c.pages = 2;
-        c.bytes = 100;
+        let mut c = XbzrleCounters {
+            cache_miss: 4,
+            pages: 2,
+            bytes: 100,
+            ..XbzrleCounters::default()
+        };
         c.update_rates(10, 4096);
         assert_eq!(c.cache_miss_rate, 0.4);
         assert_eq!(c.encoding_rate, 2.0 * 4096.0 / 100.0);
