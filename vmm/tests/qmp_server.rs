@@ -289,6 +289,49 @@ fn too_deep_nesting_is_refused() {
 }
 
 #[test]
+fn nesting_up_to_1024_is_parsed() {
+    let f = Fixture::new("deep-ok");
+    let mut c = Raw::connect(&f.path);
+    c.negotiate();
+    let inner = format!("{}{}", "[".repeat(1022), "]".repeat(1022));
+    c.send(&format!(
+        "{{\"execute\": \"echo\", \"arguments\": {{\"a\": {inner}}}, \"id\": 1}}"
+    ));
+    // serde_json stops at 128 levels; QEMU's parser (ours) takes 1024.
+    let line = c.line();
+    let mut parsed = vmm::qmp::JsonStreamer::default().feed(line.as_bytes());
+    let v = parsed.remove(0).unwrap();
+    assert_eq!(v["id"], json!(1));
+    let mut depth = 0;
+    let mut cur = &v["return"]["a"];
+    while let Some(next) = cur.as_array().and_then(|a| a.first()) {
+        depth += 1;
+        cur = next;
+    }
+    // Two braces plus 1022 brackets: exactly QEMU's limit of 1024.
+    assert_eq!(depth, 1021);
+}
+
+#[test]
+fn a_client_hanging_on_half_a_request_does_not_block_others_or_shutdown() {
+    let f = Fixture::new("half");
+    let mut hung = Raw::connect(&f.path);
+    hung.negotiate();
+    hung.send(r#"{"execute": "echo", "arguments": {"a": "#);
+    let mut c = QmpClient::connect(&f.path).unwrap();
+    assert_eq!(
+        c.execute("echo", Some(json!({"b": 2}))).unwrap(),
+        json!({"b": 2})
+    );
+    assert!(hung.silent_for(Duration::from_millis(100)));
+    // Shutdown and join do not wait for the hung request to complete.
+    let start = Instant::now();
+    drop(f);
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(hung.line(), "");
+}
+
+#[test]
 fn socket_is_owner_only_and_removed_on_shutdown() {
     let f = Fixture::new("mode");
     let meta = std::fs::symlink_metadata(&f.path).unwrap();

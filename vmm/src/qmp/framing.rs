@@ -81,7 +81,8 @@ pub struct JsonStreamer {
     lexer: Lexer,
     limits: Limits,
     tokens: Vec<Token>,
-    token_size: usize,
+    /// The text of all tokens of the message, back to back.
+    text: Vec<u8>,
     braces: i64,
     brackets: i64,
 }
@@ -96,13 +97,17 @@ impl Default for JsonStreamer {
 pub type Message = Result<Value, FramingError>;
 
 impl JsonStreamer {
-    /// A streamer with the given limits.
+    /// A streamer with the given limits (token text is capped below 4 GiB).
     pub fn new(limits: Limits) -> JsonStreamer {
+        let limits = Limits {
+            max_token_size: limits.max_token_size.min(u32::MAX as usize - 1),
+            ..limits
+        };
         JsonStreamer {
             lexer: Lexer::new(limits.max_token_size),
             limits,
             tokens: Vec::new(),
-            token_size: 0,
+            text: Vec::new(),
             braces: 0,
             brackets: 0,
         }
@@ -128,12 +133,17 @@ impl JsonStreamer {
 
     /// Bytes buffered for the message in progress (tokens plus the token being lexed).
     pub fn buffered(&self) -> usize {
-        self.token_size + self.lexer.pending_len()
+        self.text.len() + self.lexer.pending_len()
     }
 
     fn reset(&mut self) {
-        self.tokens = Vec::new();
-        self.token_size = 0;
+        self.tokens.clear();
+        self.text.clear();
+        // Give back the memory of a huge message; keep it for ordinary ones.
+        if self.text.capacity() > 1 << 20 || self.tokens.capacity() > 1 << 16 {
+            self.tokens = Vec::new();
+            self.text = Vec::new();
+        }
         self.braces = 0;
         self.brackets = 0;
     }
@@ -152,7 +162,8 @@ impl JsonStreamer {
             TokenKind::Error => return self.fail(FramingError::Stray(c_text(text)), out),
             TokenKind::EndOfInput => {
                 if !self.tokens.is_empty() {
-                    let result = parse_tokens(&self.tokens).map_err(FramingError::Syntax);
+                    let result =
+                        parse_tokens(&self.tokens, &self.text).map_err(FramingError::Syntax);
                     self.reset();
                     out.push(result);
                 }
@@ -161,7 +172,7 @@ impl JsonStreamer {
             _ => {}
         }
         // Security limits: memory per message and recursion depth of the parser.
-        if self.token_size + text.len() + 1 > self.limits.max_token_size
+        if self.text.len() + text.len() + 1 > self.limits.max_token_size
             || kind == TokenKind::Oversized
         {
             return self.fail(FramingError::TokenSize, out);
@@ -173,16 +184,19 @@ impl JsonStreamer {
         if depth > self.limits.max_nesting {
             return self.fail(FramingError::Nesting, out);
         }
+        // Fits in u32: the text is capped by max_token_size above.
+        let start = self.text.len() as u32;
+        self.text.extend_from_slice(text);
         self.tokens.push(Token {
             kind,
-            text: text.to_vec(),
+            start,
+            end: self.text.len() as u32,
         });
-        self.token_size += text.len();
         let open = self.braces > 0 || self.brackets > 0;
         if open && self.braces >= 0 && self.brackets >= 0 {
             return;
         }
-        let result = parse_tokens(&self.tokens).map_err(FramingError::Syntax);
+        let result = parse_tokens(&self.tokens, &self.text).map_err(FramingError::Syntax);
         self.reset();
         out.push(result);
     }

@@ -206,8 +206,44 @@ impl Lexer {
 
     /// Lexes `bytes`, calling `sink(kind, text)` for every token completed.
     pub fn feed(&mut self, bytes: &[u8], sink: &mut impl FnMut(TokenKind, &[u8])) {
-        for &b in bytes {
-            self.feed_byte(b, sink);
+        let mut i = 0;
+        while i < bytes.len() {
+            let run = self.plain_run(&bytes[i..]);
+            if run > 0 {
+                i += run;
+                continue;
+            }
+            self.feed_byte(bytes[i], sink);
+            i += 1;
+        }
+    }
+
+    /// Fast path with the same effect as feeding byte by byte: consumes the
+    /// leading bytes that leave the state unchanged inside a string or during
+    /// recovery, and returns how many. Stops before the byte that would make
+    /// the token oversized, so [`Lexer::feed_byte`] reports that.
+    fn plain_run(&mut self, bytes: &[u8]) -> usize {
+        match self.state {
+            State::DqString | State::SqString => {
+                let quote = if self.state == State::DqString {
+                    b'"'
+                } else {
+                    b'\''
+                };
+                let room = self.max_token_size.saturating_sub(self.token.len());
+                let limit = bytes.len().min(room);
+                let n = bytes[..limit]
+                    .iter()
+                    .position(|&b| b == quote || b == b'\\' || !(0x20..=0xFD).contains(&b))
+                    .unwrap_or(limit);
+                self.token.extend_from_slice(&bytes[..n]);
+                n
+            }
+            State::Recovery => bytes
+                .iter()
+                .position(|&b| !matches!(step(State::Recovery, b), Step::Discard))
+                .unwrap_or(bytes.len()),
+            _ => 0,
         }
     }
 
@@ -349,6 +385,24 @@ mod tests {
                 (TokenKind::EndOfInput, vec![]),
             ]
         );
+    }
+
+    #[test]
+    fn chunked_and_byte_by_byte_lexing_agree() {
+        let input: &[u8] =
+            b"{\"a\": \"xy\\\"z\x01q\", 'p\\'q'} @junk junk\t{[\xff\"long string here\"]}";
+        for max in [4, 8, 64, MAX_TOKEN_SIZE] {
+            let mut whole = Vec::new();
+            Lexer::new(max).feed(input, &mut |k, t| whole.push((k, t.to_vec())));
+            let mut single = Vec::new();
+            let mut lexer = Lexer::new(max);
+            for b in input {
+                lexer.feed(std::slice::from_ref(b), &mut |k, t| {
+                    single.push((k, t.to_vec()))
+                });
+            }
+            assert_eq!(whole, single, "max {max}");
+        }
     }
 
     #[test]

@@ -13,29 +13,44 @@ use serde_json::{Map, Number, Value};
 use super::lexer::TokenKind;
 use super::writer::is_valid_codepoint;
 
-/// A token of a message waiting to be parsed: its kind and its text.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A token of a message waiting to be parsed: its kind and where its text
+/// lies in the message's text buffer (12 bytes, so 2 Mi tokens stay small).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Token {
     /// What the token is.
     pub kind: TokenKind,
-    /// The token's bytes as lexed.
-    pub text: Vec<u8>,
+    /// Offset of the token's first byte in the text buffer.
+    pub start: u32,
+    /// Offset just past the token's last byte.
+    pub end: u32,
 }
 
-/// Parses one message's tokens into a value; `Err` holds QEMU's message text.
-pub fn parse_tokens(tokens: &[Token]) -> Result<Value, String> {
-    let mut parser = Parser { tokens, pos: 0 };
+/// Parses one message's tokens (with their text buffer) into a value;
+/// `Err` holds QEMU's message text.
+pub fn parse_tokens(tokens: &[Token], text: &[u8]) -> Result<Value, String> {
+    let mut parser = Parser {
+        tokens,
+        text,
+        pos: 0,
+    };
     parser.value()
 }
 
 struct Parser<'a> {
     tokens: &'a [Token],
+    text: &'a [u8],
     pos: usize,
 }
 
 const PREMATURE_EOI: &str = "premature EOI";
 
 impl<'a> Parser<'a> {
+    fn text(&self, token: &Token) -> &'a [u8] {
+        self.text
+            .get(token.start as usize..token.end as usize)
+            .unwrap_or_default()
+    }
+
     fn peek(&self) -> Option<&'a Token> {
         self.tokens.get(self.pos)
     }
@@ -119,7 +134,7 @@ impl<'a> Parser<'a> {
 
     fn keyword(&mut self) -> Result<Value, String> {
         let token = self.pop().ok_or(PREMATURE_EOI)?;
-        match token.text.as_slice() {
+        match self.text(token) {
             b"true" => Ok(Value::Bool(true)),
             b"false" => Ok(Value::Bool(false)),
             b"null" => Ok(Value::Null),
@@ -130,8 +145,8 @@ impl<'a> Parser<'a> {
     fn literal(&mut self) -> Result<Value, String> {
         let token = self.pop().ok_or(PREMATURE_EOI)?;
         match token.kind {
-            TokenKind::String => parse_string(&token.text).map(Value::String),
-            _ => parse_number(&token.text, token.kind == TokenKind::Integer),
+            TokenKind::String => parse_string(self.text(token)).map(Value::String),
+            _ => parse_number(self.text(token), token.kind == TokenKind::Integer),
         }
     }
 }
@@ -220,6 +235,18 @@ fn parse_string(token: &[u8]) -> Result<String, String> {
         if b == quote {
             return Ok(out);
         }
+        // Fast path: a run of plain ASCII is copied as it is.
+        let run = body[i..]
+            .iter()
+            .position(|&c| c == quote || c == b'\\' || !(0x01..0x80).contains(&c))
+            .unwrap_or(body.len() - i);
+        if run > 0 {
+            if let Ok(ascii) = std::str::from_utf8(&body[i..i + run]) {
+                out.push_str(ascii);
+            }
+            i += run;
+            continue;
+        }
         if b == b'\\' {
             let start = i;
             let Some(&esc) = body.get(i + 1) else {
@@ -288,24 +315,24 @@ mod tests {
     use crate::qmp::lexer::Lexer;
     use serde_json::json;
 
-    fn parse(text: &[u8]) -> Result<Value, String> {
+    fn parse(input: &[u8]) -> Result<Value, String> {
         let mut tokens = Vec::new();
-        let mut lexer = Lexer::default();
-        lexer.feed(text, &mut |kind, t| {
-            tokens.push(Token {
-                kind,
-                text: t.to_vec(),
-            })
-        });
-        lexer.flush(&mut |kind, t| {
+        let mut text = Vec::new();
+        let mut push = |kind, t: &[u8]| {
             if kind != TokenKind::EndOfInput {
+                let start = text.len() as u32;
+                text.extend_from_slice(t);
                 tokens.push(Token {
                     kind,
-                    text: t.to_vec(),
-                })
+                    start,
+                    end: text.len() as u32,
+                });
             }
-        });
-        parse_tokens(&tokens)
+        };
+        let mut lexer = Lexer::default();
+        lexer.feed(input, &mut push);
+        lexer.flush(&mut push);
+        parse_tokens(&tokens, &text)
     }
 
     #[test]

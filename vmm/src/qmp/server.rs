@@ -249,7 +249,10 @@ impl QmpServer {
             source,
         };
         let (listener, socket_file) = bind_private(&path).map_err(bind_err)?;
-        listener.set_nonblocking(true).map_err(bind_err)?;
+        if let Err(e) = listener.set_nonblocking(true) {
+            remove_if_ours(&path, socket_file);
+            return Err(bind_err(e));
+        }
         let shared = Arc::new(Shared {
             path: path.clone(),
             socket_file,
