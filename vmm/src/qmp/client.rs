@@ -109,6 +109,9 @@ impl QmpClient {
             path: path.to_path_buf(),
             source,
         })?;
+        stream
+            .set_write_timeout(Some(options.timeout.max(Duration::from_millis(1))))
+            .map_err(ClientError::Io)?;
         let mut client = QmpClient {
             stream,
             streamer: JsonStreamer::default(),
@@ -140,6 +143,9 @@ impl QmpClient {
     /// Changes the timeout for later operations.
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
+        let _ = self
+            .stream
+            .set_write_timeout(Some(timeout.max(Duration::from_millis(1))));
     }
 
     /// Runs `command` with optional `arguments`; the `"return"` value or the failure.
@@ -171,7 +177,12 @@ impl QmpClient {
 
     /// Sends raw bytes as they are (for tests and for forwarding user input).
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
-        self.stream.write_all(bytes).map_err(ClientError::Io)
+        self.stream.write_all(bytes).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                ClientError::Timeout(self.timeout)
+            }
+            _ => ClientError::Io(e),
+        })
     }
 
     /// Waits for the next response (not event); with `id`, skips responses to other requests.
