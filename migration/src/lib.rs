@@ -4,14 +4,24 @@
 //!   compatibility rules, range checks and error texts, and the hooks through
 //!   which a changed setting reaches a running migration.
 //! - [`qapi`]: QAPI input-visitor semantics for QMP arguments, with QEMU's error texts.
+//! - [`stream`]: the migration stream format (header, frames, RAM records, replies).
+//! - [`transport`]: migration URIs, connecting and listening.
 //! - [`uffd`]: userfaultfd access and the write-tracking probe.
+//! - [`vm`]: the traits through which migration reaches the VM (dirty tracking, vCPUs, state).
 //! - [`xbzrle`]: QEMU's XBZRLE delta encoding and its page cache.
 
 pub mod auto_converge;
 pub mod convergence;
+pub mod dest;
+pub mod error;
+pub mod events;
 pub mod info;
 pub mod options;
 pub mod qapi;
 pub mod rate_limit;
+pub mod source;
+pub mod stream;
+pub mod transport;
 pub mod uffd;
+pub mod vm;
 pub mod xbzrle;

@@ -1,7 +1,12 @@
 //! The Ferry VMM: VM lifecycle, vCPU threads, the test guest, QMP server and CLI.
 
+pub mod app;
+pub mod cli;
+pub mod commands;
+pub mod dirty;
 pub mod guest;
 pub mod kvm;
 pub mod machine;
 pub mod qmp;
 pub mod vcpu_thread;
+pub mod vm_adapter;

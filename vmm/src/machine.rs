@@ -480,3 +480,51 @@ impl Drop for Machine {
         }
     }
 }
+
+impl Workload {
+    /// Parses `working-set=SIZE,rate=PAGES_PER_SEC` (either part optional) over `defaults`.
+    pub fn parse(text: &str, defaults: Workload) -> Result<Workload, String> {
+        let mut w = defaults;
+        for part in text.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("workload option '{part}' needs a value (NAME=VALUE)"))?;
+            match k {
+                "working-set" | "ws" => {
+                    w.working_set = ram::parse_size(v).map_err(|e| format!("working-set: {e}"))?;
+                }
+                "rate" => {
+                    w.rate = v
+                        .parse()
+                        .map_err(|_| format!("rate: '{v}' is not a number of pages per second"))?;
+                }
+                _ => return Err(format!("unknown workload option '{k}' (known: working-set, rate)")),
+            }
+        }
+        Ok(w)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workload_parses_and_rejects() {
+        let d = Workload {
+            working_set: 1,
+            rate: 2,
+        };
+        assert_eq!(
+            Workload::parse("working-set=256M,rate=20000", d).unwrap(),
+            Workload {
+                working_set: 256 << 20,
+                rate: 20000
+            }
+        );
+        assert_eq!(Workload::parse("rate=5", d).unwrap().working_set, 1);
+        assert!(Workload::parse("rate=fast", d).is_err());
+        assert!(Workload::parse("speed=1", d).is_err());
+        assert!(Workload::parse("rate", d).is_err());
+    }
+}

@@ -1,0 +1,226 @@
+//! The incoming side of a migration: listen, check, load, confirm, start the guest.
+
+pub mod loader;
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use serde_json::json;
+
+use crate::error::{MigrationError, Result};
+use crate::events::MigrationEvents;
+use crate::info::{DestinationState, MigrationStatus, SocketAddress};
+use crate::options::{Capability, MigrationOptions};
+use crate::stream::frame::FrameReader;
+use crate::stream::header::{Header, FEATURE_SWITCHOVER_ACK};
+use crate::stream::Reply;
+use crate::transport::{Channel, Listener, MigrationUri};
+use crate::vm::DestVm;
+use loader::{check_header, load_stream, LoadProgress, RamLoader};
+
+/// Called once when the incoming migration ends: Ok when the guest runs here now.
+pub type DoneCallback = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
+
+struct DestShared {
+    status: Mutex<(MigrationStatus, Option<String>)>,
+    events: Arc<dyn MigrationEvents>,
+    options: Arc<MigrationOptions>,
+    address: Vec<SocketAddress>,
+}
+
+impl DestShared {
+    fn set_status(&self, s: MigrationStatus) {
+        if let Ok(mut st) = self.status.lock() {
+            st.0 = s;
+        }
+        if self.options.caps().get(Capability::Events) {
+            self.events.emit("MIGRATION", json!({ "status": s.as_str() }));
+        }
+    }
+
+    fn fail(&self, e: &MigrationError) {
+        if let Ok(mut st) = self.status.lock() {
+            st.1 = Some(e.to_string());
+        }
+        self.set_status(MigrationStatus::Failed);
+    }
+}
+
+/// An incoming migration.
+pub struct Incoming {
+    shared: Arc<DestShared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    port: Option<u16>,
+}
+
+/// Sends SWITCHOVER_ACK after the first pass when the source asked for it.
+struct AckAfterFirstPass<'a> {
+    want: bool,
+    sent: bool,
+    ch: Option<&'a mut Channel>,
+}
+
+impl LoadProgress for AckAfterFirstPass<'_> {
+    fn pass_end(&mut self, _pass: u64) -> Result<()> {
+        if self.want && !self.sent {
+            if let Some(ch) = self.ch.as_deref_mut() {
+                Reply::SwitchoverAck.write_to(ch)?;
+            }
+            self.sent = true;
+        }
+        Ok(())
+    }
+}
+
+fn socket_address(uri: &MigrationUri, port: Option<u16>) -> Vec<SocketAddress> {
+    match uri {
+        MigrationUri::Tcp { host, port: p } => vec![SocketAddress::Inet {
+            host: host.clone(),
+            port: port.unwrap_or(*p).to_string(),
+        }],
+        MigrationUri::Unix(path) => vec![SocketAddress::Unix {
+            path: path.display().to_string(),
+        }],
+        MigrationUri::File { .. } => Vec::new(),
+    }
+}
+
+impl Incoming {
+    /// Starts listening on `uri`; the load runs on its own thread and ends with `done`.
+    ///
+    /// `fresh_ram` says the destination's memory is all zeros (nothing loaded into it yet).
+    pub fn start(
+        uri: &MigrationUri,
+        vm: Arc<dyn DestVm>,
+        options: Arc<MigrationOptions>,
+        events: Arc<dyn MigrationEvents>,
+        fresh_ram: bool,
+        done: DoneCallback,
+    ) -> Result<Arc<Incoming>> {
+        let listener = Listener::bind(uri)?;
+        let port = listener.local_port();
+        let shared = Arc::new(DestShared {
+            status: Mutex::new((MigrationStatus::None, None)),
+            events,
+            options,
+            address: socket_address(uri, port),
+        });
+        shared.set_status(MigrationStatus::Setup);
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("migration-in".into())
+            .spawn(move || {
+                let result = receive(&s, &listener, vm.as_ref(), fresh_ram);
+                drop(listener);
+                match result {
+                    Ok(()) => {
+                        s.set_status(MigrationStatus::Completed);
+                        done(Ok(()));
+                    }
+                    Err(e) => {
+                        s.fail(&e);
+                        done(Err(e.to_string()));
+                    }
+                }
+            })
+            .map_err(|e| MigrationError::Vm(format!("cannot start the incoming thread: {e}")))?;
+        Ok(Arc::new(Incoming {
+            shared,
+            thread: Mutex::new(Some(thread)),
+            port,
+        }))
+    }
+
+    /// The TCP port listened on (useful with port 0).
+    pub fn port(&self) -> Option<u16> {
+        self.port
+    }
+
+    /// Current status.
+    pub fn status(&self) -> MigrationStatus {
+        self.shared.status.lock().map(|s| s.0).unwrap_or(MigrationStatus::Failed)
+    }
+
+    /// What query-migrate reports for the incoming side.
+    pub fn state(&self) -> DestinationState {
+        let (status, error) = self
+            .shared
+            .status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or((MigrationStatus::Failed, None));
+        DestinationState {
+            status,
+            socket_address: self.shared.address.clone(),
+            postcopy_blocktime: None,
+            postcopy_vcpu_blocktime: None,
+            error_desc: error,
+        }
+    }
+
+    /// Waits for the incoming thread to end.
+    pub fn join(&self) {
+        let t = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+    }
+}
+
+fn receive(shared: &DestShared, listener: &Listener, vm: &dyn DestVm, fresh_ram: bool) -> Result<()> {
+    let ch = listener.accept()?;
+    shared.set_status(MigrationStatus::Active);
+    let mut reply_ch = if ch.is_bidirectional() {
+        Some(
+            ch.try_clone()
+                .map_err(|e| MigrationError::Vm(format!("cannot clone the migration socket: {e}")))?,
+        )
+    } else {
+        None
+    };
+    let result = load(shared, ch, reply_ch.as_mut(), vm, fresh_ram);
+    if let (Err(e), Some(rc)) = (&result, reply_ch.as_mut()) {
+        // Tell the source why, so its error says more than "connection reset".
+        let _ = Reply::Failed(e.to_string()).write_to(rc);
+        rc.shutdown();
+    }
+    result
+}
+
+fn load(
+    shared: &DestShared,
+    ch: Channel,
+    mut reply_ch: Option<&mut Channel>,
+    vm: &dyn DestVm,
+    fresh_ram: bool,
+) -> Result<()> {
+    let mut reader = FrameReader::new(ch);
+    let header = Header::read_from(reader.get_mut())?;
+    check_header(
+        &header,
+        vm,
+        shared.options.caps().get(Capability::ValidateUuid),
+    )?;
+    let ram = vm.ram();
+    let mut loader = RamLoader::new(&ram, fresh_ram);
+    let mut progress = AckAfterFirstPass {
+        want: header.has(FEATURE_SWITCHOVER_ACK),
+        sent: false,
+        ch: reply_ch.as_deref_mut(),
+    };
+    let state = load_stream(&mut reader, &mut loader, &mut progress)?;
+    vm.load_state(&state).map_err(MigrationError::Vm)?;
+    if let Some(rc) = reply_ch {
+        Reply::Loaded.write_to(rc)?;
+        match Reply::read_from(reader.get_mut())? {
+            Reply::Commit => {}
+            other => {
+                return Err(MigrationError::DestinationLost(format!(
+                    "expected COMMIT from the source, got {other:?}"
+                )))
+            }
+        }
+    }
+    vm.start().map_err(MigrationError::Vm)?;
+    Ok(())
+}

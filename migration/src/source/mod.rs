@@ -1,0 +1,330 @@
+//! The outgoing side of a migration: the controller QMP talks to, and the migration thread.
+
+mod precopy;
+pub mod ram_sender;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use serde_json::json;
+
+use crate::error::MigrationError;
+use crate::events::MigrationEvents;
+use crate::info::{MigrationCounters, MigrationStatus, RamTotals, SourceState};
+use crate::options::{Capabilities, Capability, MigrationOptions, OptionsHooks};
+use crate::rate_limit::RateLimiter;
+use crate::transport::{Channel, MigrationUri};
+use crate::vm::SourceVm;
+
+/// Figures the migration thread publishes for query-migrate.
+#[derive(Debug, Default)]
+struct Live {
+    expected_downtime_ms: AtomicU64,
+    mbps_bits: AtomicU64,
+    pages_per_second: AtomicU64,
+    remaining_bytes: AtomicU64,
+    throttle: AtomicU8,
+}
+
+#[derive(Debug, Clone)]
+struct StatusInfo {
+    status: MigrationStatus,
+    error: Option<String>,
+    setup_time_ms: u64,
+    total_time_ms: Option<u64>,
+    downtime_ms: u64,
+}
+
+/// State shared by the controller, the migration thread and the option hooks.
+pub(crate) struct Shared {
+    status: Mutex<StatusInfo>,
+    status_cond: Condvar,
+    pub(crate) counters: MigrationCounters,
+    pub(crate) limiter: RateLimiter,
+    pub(crate) cancel: AtomicBool,
+    continue_requested: AtomicBool,
+    pub(crate) options: Arc<MigrationOptions>,
+    events: Arc<dyn MigrationEvents>,
+    pub(crate) vm: Arc<dyn SourceVm>,
+    channel: Mutex<Option<Channel>>,
+    live: Live,
+    start: Instant,
+    caps: Capabilities,
+}
+
+impl Shared {
+    fn lock_status(&self) -> MutexGuard<'_, StatusInfo> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves to `status`, emitting a MIGRATION event when the events capability is on.
+    pub(crate) fn set_status(&self, status: MigrationStatus) {
+        {
+            let mut s = self.lock_status();
+            if s.status == status {
+                return;
+            }
+            s.status = status;
+            if matches!(
+                status,
+                MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled
+            ) {
+                s.total_time_ms = Some(self.start.elapsed().as_millis() as u64);
+            }
+        }
+        self.status_cond.notify_all();
+        if self.caps.get(Capability::Events) {
+            self.events
+                .emit("MIGRATION", json!({ "status": status.as_str() }));
+        }
+    }
+
+    pub(crate) fn status(&self) -> MigrationStatus {
+        self.lock_status().status
+    }
+
+    pub(crate) fn set_error(&self, e: &MigrationError) {
+        let mut s = self.lock_status();
+        if s.error.is_none() {
+            s.error = Some(e.to_string());
+        }
+    }
+
+    pub(crate) fn set_setup_time(&self, ms: u64) {
+        self.lock_status().setup_time_ms = ms;
+    }
+
+    pub(crate) fn set_downtime(&self, ms: u64) {
+        self.lock_status().downtime_ms = ms;
+    }
+
+    pub(crate) fn emit(&self, name: &str, data: serde_json::Value) {
+        if self.caps.get(Capability::Events) {
+            self.events.emit(name, data);
+        }
+    }
+
+    pub(crate) fn caps(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    pub(crate) fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_channel(&self, ch: Option<Channel>) {
+        *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = ch;
+    }
+
+    pub(crate) fn publish(&self, expected_downtime_ms: u64, mbps: f64, pps: u64, remaining: u64) {
+        self.live
+            .expected_downtime_ms
+            .store(expected_downtime_ms, Ordering::Relaxed);
+        self.live.mbps_bits.store(mbps.to_bits(), Ordering::Relaxed);
+        self.live.pages_per_second.store(pps, Ordering::Relaxed);
+        self.live.remaining_bytes.store(remaining, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_throttle(&self, pct: u8) {
+        self.live.throttle.store(pct, Ordering::Relaxed);
+        self.vm.set_throttle(pct);
+    }
+
+    pub(crate) fn throttle(&self) -> u8 {
+        self.live.throttle.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `migrate-continue` or a cancel; returns false when cancelled.
+    pub(crate) fn wait_continue(&self) -> bool {
+        let mut s = self.lock_status();
+        loop {
+            if self.cancelled() {
+                return false;
+            }
+            if self.continue_requested.swap(false, Ordering::AcqRel) {
+                return true;
+            }
+            s = self
+                .status_cond
+                .wait_timeout(s, std::time::Duration::from_millis(100))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+}
+
+/// The hooks a running migration registers on the options store.
+struct Hooks(Arc<Shared>);
+
+impl OptionsHooks for Hooks {
+    fn max_bandwidth_changed(&self, bytes_per_second: u64) {
+        self.0.limiter.set_limit(bytes_per_second);
+    }
+}
+
+/// An outgoing migration (one `migrate` command).
+pub struct Outgoing {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    uri: MigrationUri,
+}
+
+impl Outgoing {
+    /// Starts migrating `vm` to `uri` with the current settings of `options`.
+    ///
+    /// Returns once the migration thread runs; progress is in [`Outgoing::state`].
+    pub fn start(
+        uri: MigrationUri,
+        vm: Arc<dyn SourceVm>,
+        options: Arc<MigrationOptions>,
+        events: Arc<dyn MigrationEvents>,
+    ) -> Result<Arc<Outgoing>, MigrationError> {
+        let (caps, params) = options.snapshot();
+        let channels = if caps.get(Capability::Multifd) {
+            usize::from(params.multifd_channels)
+        } else {
+            0
+        };
+        let shared = Arc::new(Shared {
+            status: Mutex::new(StatusInfo {
+                status: MigrationStatus::None,
+                error: None,
+                setup_time_ms: 0,
+                total_time_ms: None,
+                downtime_ms: 0,
+            }),
+            status_cond: Condvar::new(),
+            counters: MigrationCounters::new(channels),
+            limiter: RateLimiter::with_limit(params.max_bandwidth),
+            cancel: AtomicBool::new(false),
+            continue_requested: AtomicBool::new(false),
+            options: options.clone(),
+            events,
+            vm,
+            channel: Mutex::new(None),
+            live: Live::default(),
+            start: Instant::now(),
+            caps,
+        });
+        options.set_running(true);
+        options.register_hooks(Arc::new(Hooks(shared.clone())));
+        shared.set_status(MigrationStatus::Setup);
+        let s = shared.clone();
+        let u = uri.clone();
+        let thread = std::thread::Builder::new()
+            .name("migration".into())
+            .spawn(move || precopy::run(s, u))
+            .map_err(|e| MigrationError::Vm(format!("cannot start the migration thread: {e}")))?;
+        Ok(Arc::new(Outgoing {
+            shared,
+            thread: Mutex::new(Some(thread)),
+            uri,
+        }))
+    }
+
+    /// Where the migration goes.
+    pub fn uri(&self) -> &MigrationUri {
+        &self.uri
+    }
+
+    /// Current status.
+    pub fn status(&self) -> MigrationStatus {
+        self.shared.status()
+    }
+
+    /// The recorded error, if any.
+    pub fn error(&self) -> Option<String> {
+        self.shared.lock_status().error.clone()
+    }
+
+    /// The live counters.
+    pub fn counters(&self) -> &MigrationCounters {
+        &self.shared.counters
+    }
+
+    /// Asks the migration to stop; the source keeps (or resumes) running.
+    pub fn cancel(&self) {
+        let st = self.status();
+        if !st.is_running() {
+            return;
+        }
+        self.shared.cancel.store(true, Ordering::Release);
+        self.shared.limiter.cancel();
+        self.shared.set_status(MigrationStatus::Cancelling);
+        if let Some(ch) = self.shared.channel.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            ch.shutdown();
+        }
+        self.shared.status_cond.notify_all();
+    }
+
+    /// `migrate-continue`: leaves `pre-switchover`.
+    pub fn migrate_continue(&self, state: MigrationStatus) -> Result<(), String> {
+        let current = self.status();
+        if current != state {
+            return Err(format!(
+                "Migration not in expected state: {}",
+                current.as_str()
+            ));
+        }
+        self.shared.continue_requested.store(true, Ordering::Release);
+        self.shared.status_cond.notify_all();
+        Ok(())
+    }
+
+    /// Blocks until the migration thread has finished.
+    pub fn join(&self) {
+        let t = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+    }
+
+    /// Everything query-migrate reports about this migration.
+    pub fn state(&self) -> SourceState {
+        let s = self.shared.lock_status().clone();
+        let ram = self.shared.vm.ram();
+        let live = &self.shared.live;
+        let total_time_ms = s
+            .total_time_ms
+            .unwrap_or_else(|| self.shared.start.elapsed().as_millis() as u64);
+        let mbps = if s.status == MigrationStatus::Completed {
+            crate::convergence::completed_mbps(
+                self.shared.counters.transferred(),
+                total_time_ms,
+                s.setup_time_ms,
+            )
+        } else {
+            f64::from_bits(live.mbps_bits.load(Ordering::Relaxed))
+        };
+        let remaining = if s.status == MigrationStatus::Completed {
+            0
+        } else {
+            live.remaining_bytes.load(Ordering::Relaxed)
+        };
+        let totals = RamTotals {
+            total_bytes: ram.size(),
+            remaining_bytes: remaining,
+            page_size: ram::PAGE_SIZE as u64,
+            mbps,
+            pages_per_second: live.pages_per_second.load(Ordering::Relaxed),
+        };
+        let mut stats = self.shared.counters.ram_stats(&totals);
+        if s.status == MigrationStatus::Completed {
+            stats.dirty_pages_rate = 0;
+        }
+        SourceState {
+            status: s.status,
+            setup_time_ms: s.setup_time_ms,
+            total_time_ms,
+            expected_downtime_ms: live.expected_downtime_ms.load(Ordering::Relaxed),
+            downtime_ms: s.downtime_ms,
+            ram: stats,
+            xbzrle_cache: None,
+            cpu_throttle_percentage: live.throttle.load(Ordering::Relaxed),
+            error_desc: s.error,
+            blocked_reasons: Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,456 @@
+//! The migration thread: setup, iterations, switchover, completion — and cleanup on failure.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use ram::{AtomicBitmap, PAGE_SIZE};
+use serde_json::json;
+
+use super::ram_sender::RamSender;
+use super::Shared;
+use crate::auto_converge::{AutoConverge, ThrottleParams};
+use crate::convergence::{
+    switchover_decision, BandwidthEstimator, DirtyPeriodTracker, Pending, Progress,
+    SwitchoverDecision, SwitchoverLimits, SyncReport,
+};
+use crate::error::{MigrationError, Result};
+use crate::info::{MigrationStatus, Phase};
+use crate::options::Capability;
+use crate::stream::frame::{FrameKind, FrameWriter};
+use crate::stream::header::{
+    Header, FEATURE_SWITCHOVER_ACK, FEATURE_VALIDATE_UUID, HEADER_LEN, STREAM_VERSION,
+};
+use crate::stream::Reply;
+use crate::transport::{self, Channel, MigrationUri};
+
+/// How long the source waits for the destination to confirm it loaded everything.
+const LOADED_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long connecting may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Passes under the downtime threshold before Ferry switches over even if still shrinking.
+const MAX_EXTRA_PASSES: u32 = 4;
+/// Expected downtime below which Ferry switches over at once.
+const SHORT_DOWNTIME_MS: u64 = 20;
+
+/// Entry point of the migration thread.
+pub(super) fn run(shared: Arc<Shared>, uri: MigrationUri) {
+    let mut stopped_vcpus = false;
+    let result = migrate(&shared, &uri, &mut stopped_vcpus);
+    // Whatever happened, tracking and throttling end with the migration.
+    shared.vm.dirty_tracker().stop();
+    shared.set_throttle(0);
+    shared.options.clear_hooks();
+    match result {
+        Ok(()) => {
+            shared.vm.migrated_away();
+            shared.set_status(MigrationStatus::Completed);
+        }
+        Err(e) => {
+            if stopped_vcpus {
+                if let Err(r) = shared.vm.resume_vcpus() {
+                    eprintln!("ferry: could not resume the guest after a failed migration: {r}");
+                }
+            }
+            if shared.cancelled() {
+                shared.set_status(MigrationStatus::Cancelled);
+            } else {
+                eprintln!("ferry: migration failed: {e}");
+                shared.set_error(&e);
+                shared.set_status(MigrationStatus::Failed);
+            }
+        }
+    }
+    if let Some(ch) = shared.channel.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        ch.shutdown();
+    }
+    shared.options.set_running(false);
+}
+
+/// Reads the destination's replies on a second handle of the channel.
+fn spawn_reply_reader(ch: &Channel) -> Result<Receiver<std::result::Result<Reply, String>>> {
+    let mut reader = ch
+        .try_clone()
+        .map_err(|e| MigrationError::Vm(format!("cannot clone the migration socket: {e}")))?;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    std::thread::Builder::new()
+        .name("migration-rp".into())
+        .spawn(move || loop {
+            match Reply::read_from(&mut reader) {
+                Ok(r) => {
+                    if tx.send(Ok(r)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
+            }
+        })
+        .map_err(|e| MigrationError::Vm(format!("cannot start the return-path thread: {e}")))?;
+    Ok(rx)
+}
+
+/// What the source has heard from the destination so far.
+struct ReplyState {
+    rx: Option<Receiver<std::result::Result<Reply, String>>>,
+    switchover_acked: bool,
+    closed: Option<String>,
+}
+
+impl ReplyState {
+    /// Drains pending replies; a FAILED reply becomes an error.
+    fn poll(&mut self) -> Result<()> {
+        let Some(rx) = self.rx.clone() else { return Ok(()) };
+        while let Ok(r) = rx.try_recv() {
+            self.handle(r)?;
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, r: std::result::Result<Reply, String>) -> Result<()> {
+        match r {
+            Ok(Reply::Failed(why)) => Err(MigrationError::Destination(why)),
+            Ok(Reply::SwitchoverAck) => {
+                self.switchover_acked = true;
+                Ok(())
+            }
+            Ok(other) => Err(MigrationError::DestinationLost(format!(
+                "unexpected {other:?} from the destination"
+            ))),
+            Err(e) => {
+                self.closed = Some(e);
+                Ok(())
+            }
+        }
+    }
+
+    /// Turns a write error into the destination's own reason when it sent one.
+    fn explain(&mut self, e: MigrationError) -> MigrationError {
+        if let Some(rx) = &self.rx {
+            if let Ok(Ok(Reply::Failed(why))) = rx.recv_timeout(Duration::from_millis(500)) {
+                return MigrationError::Destination(why);
+            }
+        }
+        e
+    }
+
+    /// Waits for LOADED.
+    fn wait_loaded(&mut self, cancel: &AtomicBool) -> Result<()> {
+        let Some(rx) = &self.rx else { return Ok(()) };
+        let deadline = Instant::now() + LOADED_TIMEOUT;
+        loop {
+            if cancel.load(Ordering::Acquire) {
+                return Err(MigrationError::Cancelled);
+            }
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(Ok(Reply::Loaded)) => return Ok(()),
+                Ok(Ok(Reply::SwitchoverAck)) => {}
+                Ok(Ok(Reply::Failed(why))) => return Err(MigrationError::Destination(why)),
+                Ok(Ok(other)) => {
+                    return Err(MigrationError::DestinationLost(format!(
+                        "unexpected {other:?} from the destination"
+                    )))
+                }
+                Ok(Err(e)) => return Err(MigrationError::DestinationLost(e)),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(MigrationError::DestinationLost(
+                        self.closed.clone().unwrap_or_else(|| "connection closed".into()),
+                    ))
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if Instant::now() > deadline {
+                        return Err(MigrationError::DestinationLost(format!(
+                            "no confirmation within {LOADED_TIMEOUT:?}"
+                        )));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn now_ns(start: Instant) -> u64 {
+    start.elapsed().as_nanos() as u64
+}
+
+fn throttle_params(shared: &Shared) -> ThrottleParams {
+    let p = shared.options.params();
+    ThrottleParams {
+        auto_converge: shared.caps().get(Capability::AutoConverge),
+        throttle_trigger_threshold: p.throttle_trigger_threshold,
+        cpu_throttle_initial: p.cpu_throttle_initial,
+        cpu_throttle_increment: p.cpu_throttle_increment,
+        cpu_throttle_tailslow: p.cpu_throttle_tailslow,
+        max_cpu_throttle: p.max_cpu_throttle,
+    }
+}
+
+fn limits(shared: &Shared) -> SwitchoverLimits {
+    SwitchoverLimits {
+        downtime_limit_ms: shared.options.params().downtime_limit,
+        switchover_bandwidth: 0,
+    }
+}
+
+fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -> Result<()> {
+    let t0 = shared.start;
+    let caps = *shared.caps();
+    let ram = shared.vm.ram();
+    let ch = transport::connect(uri, CONNECT_TIMEOUT)?;
+    if shared.cancelled() {
+        return Err(MigrationError::Cancelled);
+    }
+    shared.set_channel(Some(ch.try_clone().map_err(|e| {
+        MigrationError::Vm(format!("cannot clone the migration channel: {e}"))
+    })?));
+    let mut replies = ReplyState {
+        rx: if ch.is_bidirectional() {
+            Some(spawn_reply_reader(&ch)?)
+        } else {
+            None
+        },
+        switchover_acked: false,
+        closed: None,
+    };
+    let want_ack = caps.get(Capability::SwitchoverAck) && ch.is_bidirectional();
+    let bidirectional = ch.is_bidirectional();
+    let mut features = 0;
+    if caps.get(Capability::ValidateUuid) {
+        features |= FEATURE_VALIDATE_UUID;
+    }
+    if want_ack {
+        features |= FEATURE_SWITCHOVER_ACK;
+    }
+    let header = Header {
+        version: STREAM_VERSION,
+        features,
+        uuid: shared.vm.uuid(),
+        ram_size: ram.size(),
+        page_size: PAGE_SIZE as u32,
+        vcpus: shared.vm.vcpus(),
+        multifd_channels: 0,
+        multifd_compression: 0,
+    };
+    let mut out = FrameWriter::new(ch);
+    out.get_mut()
+        .write_all(&header.encode())
+        .map_err(|e| replies.explain(crate::stream::StreamError::from(e).into()))?;
+    out.count_extra(HEADER_LEN as u64);
+    shared
+        .counters
+        .add_sent(crate::info::Channel::Main, Phase::Precopy, HEADER_LEN as u64);
+
+    let tracker = shared.vm.dirty_tracker();
+    tracker.start().map_err(MigrationError::Vm)?;
+    let bitmap = AtomicBitmap::new(ram.page_count());
+    bitmap.set_all();
+    shared.set_setup_time(t0.elapsed().as_millis() as u64);
+    shared.set_status(MigrationStatus::Active);
+
+    let progress = |shared: &Shared, dirty_bytes: u64| Progress {
+        now_ns: now_ns(t0),
+        transferred_bytes: shared.counters.transferred(),
+        transferred_pages: shared.counters.total_pages(),
+        dirty_bytes_last_sync: dirty_bytes,
+        dirty_pages_rate: shared.counters.dirty_pages_rate(),
+    };
+    let mut estimator = BandwidthEstimator::new(&progress(shared, ram.size()), &limits(shared));
+    let mut periods = DirtyPeriodTracker::new(PAGE_SIZE as u64);
+    periods.reset(t0.elapsed().as_millis() as u64, shared.counters.transferred());
+    let mut auto = AutoConverge::new();
+    let mut pending_bytes = ram.size();
+    let mut prev_pending = u64::MAX;
+    let mut passes_under = 0u32;
+    let mut pass = 0u64;
+
+    loop {
+        pass += 1;
+        {
+            let mut sender = RamSender::new(
+                &ram,
+                &mut out,
+                &shared.counters,
+                &shared.limiter,
+                &shared.cancel,
+                Phase::Precopy,
+            );
+            let cur_pending = pending_bytes;
+            sender
+                .send_bitmap(&bitmap, |_| {
+                    replies.poll()?;
+                    estimator.update(&progress(shared, cur_pending), &limits(shared));
+                    shared.publish(
+                        estimator.expected_downtime_ms(),
+                        estimator.mbps(),
+                        estimator.pages_per_second(),
+                        cur_pending,
+                    );
+                    Ok(())
+                })
+                .map_err(|e| replies.explain(e))?;
+        }
+        out.frame(FrameKind::PassEnd, &pass.to_le_bytes())
+            .map_err(|e| replies.explain(e.into()))?;
+        replies.poll()?;
+
+        // Exact dirty-log sync.
+        let sync_start = t0.elapsed().as_millis() as u64;
+        let newly = tracker.sync(&bitmap).map_err(MigrationError::Vm)?;
+        let sync_count = shared.counters.inc_dirty_sync_count();
+        let pending_pages = bitmap.count_ones();
+        pending_bytes = pending_pages * PAGE_SIZE as u64;
+        shared.counters.set_dirty_bytes_last_sync(pending_bytes);
+        let report = SyncReport {
+            started_ms: sync_start,
+            finished_ms: t0.elapsed().as_millis() as u64,
+            newly_dirty_pages: newly,
+            transferred_bytes: shared.counters.transferred(),
+        };
+        if let Some(period) = periods.on_sync(&report) {
+            shared.counters.set_dirty_pages_rate(period.dirty_pages_rate);
+            if let Some(pct) = auto.on_period(&period, &throttle_params(shared), shared.throttle()) {
+                shared.set_throttle(pct);
+            }
+        }
+        shared.emit("MIGRATION_PASS", json!({ "pass": sync_count }));
+        estimator.update(&progress(shared, pending_bytes), &limits(shared));
+        shared.publish(
+            estimator.expected_downtime_ms(),
+            estimator.mbps(),
+            estimator.pages_per_second(),
+            pending_bytes,
+        );
+        if shared.cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+
+        let can_switchover = !want_ack || replies.switchover_acked;
+        let decision = switchover_decision(
+            Pending::Exact(pending_bytes),
+            estimator.threshold_bytes(),
+            can_switchover,
+        );
+        if decision == SwitchoverDecision::Complete
+            && ferry_switchover_now(
+                pending_bytes,
+                prev_pending,
+                estimator.threshold_bytes(),
+                shared.options.params().downtime_limit,
+                passes_under,
+            )
+        {
+            break;
+        }
+        if decision == SwitchoverDecision::Complete {
+            passes_under += 1;
+        }
+        prev_pending = pending_bytes;
+    }
+
+    // Switchover.
+    if caps.get(Capability::PauseBeforeSwitchover) {
+        shared.set_status(MigrationStatus::PreSwitchover);
+        if !shared.wait_continue() {
+            return Err(MigrationError::Cancelled);
+        }
+    }
+    shared.set_status(MigrationStatus::Device);
+    let stop_at = Instant::now();
+    if shared.vm.is_running() {
+        shared.vm.stop_vcpus().map_err(MigrationError::Vm)?;
+        *stopped_vcpus = true;
+    }
+    shared.limiter.lift();
+    tracker.sync(&bitmap).map_err(MigrationError::Vm)?;
+    shared.counters.inc_dirty_sync_count();
+    {
+        let mut sender = RamSender::new(
+            &ram,
+            &mut out,
+            &shared.counters,
+            &shared.limiter,
+            &shared.cancel,
+            Phase::Downtime,
+        );
+        sender.send_bitmap(&bitmap, |_| Ok(())).map_err(|e| replies.explain(e))?;
+    }
+    tracker.stop();
+    let state = shared.vm.save_state().map_err(MigrationError::Vm)?;
+    let before = out.bytes_written();
+    out.frame(FrameKind::State, &state)
+        .and_then(|_| {
+            let mut end = Vec::with_capacity(16);
+            end.extend_from_slice(&shared.counters.total_pages().to_le_bytes());
+            end.extend_from_slice(&0u64.to_le_bytes());
+            out.frame(FrameKind::End, &end)
+        })
+        .and_then(|_| out.flush())
+        .map_err(|e| replies.explain(e.into()))?;
+    shared.counters.add_sent(
+        crate::info::Channel::Main,
+        Phase::Downtime,
+        out.bytes_written() - before,
+    );
+    if bidirectional {
+        replies.wait_loaded(&shared.cancel)?;
+        Reply::Commit
+            .write_to(out.get_mut())
+            .map_err(|e| MigrationError::DestinationLost(format!("sending COMMIT: {e}")))?;
+    } else if let Channel::File(f) = out.get_mut() {
+        f.sync_data().map_err(|e| MigrationError::Vm(format!("syncing the migration file: {e}")))?;
+    }
+    shared.set_downtime(stop_at.elapsed().as_millis() as u64);
+    Ok(())
+}
+
+/// Ferry's refinement of QEMU's switchover rule, applied once QEMU's rule says "complete":
+/// keep iterating while each pass still shrinks what is left by a quarter, because a
+/// smaller final set means a shorter downtime than the limit allows — but never more than
+/// a few extra passes.
+fn ferry_switchover_now(
+    pending: u64,
+    prev_pending: u64,
+    threshold: u64,
+    downtime_limit_ms: u64,
+    passes_under: u32,
+) -> bool {
+    if pending == 0 || passes_under >= MAX_EXTRA_PASSES {
+        return true;
+    }
+    // threshold = bandwidth * downtime_limit, so expected downtime = pending / threshold * limit.
+    let expected_ms = if threshold == 0 {
+        u64::MAX
+    } else {
+        (pending as u128 * downtime_limit_ms as u128 / threshold as u128) as u64
+    };
+    if expected_ms <= SHORT_DOWNTIME_MS {
+        return true;
+    }
+    pending.saturating_mul(4) > prev_pending.saturating_mul(3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn switches_at_once_when_nothing_is_left_or_downtime_is_tiny() {
+        assert!(ferry_switchover_now(0, 100, 1000, 300, 0));
+        // 10 bytes of 1000-byte threshold at 300 ms: 3 ms expected.
+        assert!(ferry_switchover_now(10, 1000, 1000, 300, 0));
+    }
+
+    #[test]
+    fn keeps_iterating_while_shrinking_fast() {
+        // 500 of 1000 (150 ms expected), previous pass 1000: shrank by half -> iterate.
+        assert!(!ferry_switchover_now(500, 1000, 1000, 300, 0));
+        // shrank only 10%: switch.
+        assert!(ferry_switchover_now(900, 1000, 1000, 300, 0));
+        // too many extra passes: switch.
+        assert!(ferry_switchover_now(500, 1000, 1000, 300, MAX_EXTRA_PASSES));
+    }
+}

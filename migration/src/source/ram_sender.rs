@@ -1,0 +1,131 @@
+//! Sends dirty pages on the main stream: zero runs as flags only, other pages whole.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use ram::{is_zero_page, AtomicBitmap, GuestRam, PAGE_SHIFT};
+
+use crate::error::{MigrationError, Result};
+use crate::info::{Channel, MigrationCounters, Phase};
+use crate::rate_limit::RateLimiter;
+use crate::stream::frame::FrameWriter;
+use crate::stream::ram::{word, FLAG_PAGE, FLAG_ZERO};
+
+/// Writes RAM records for the pages of a bitmap, accounting bytes and honouring the rate limit.
+pub struct RamSender<'a, W: Write> {
+    ram: &'a GuestRam,
+    out: &'a mut FrameWriter<W>,
+    counters: &'a MigrationCounters,
+    limiter: &'a RateLimiter,
+    cancel: &'a AtomicBool,
+    phase: Phase,
+    zero_run: Option<(u64, u32)>,
+    accounted: u64,
+}
+
+impl<'a, W: Write> RamSender<'a, W> {
+    /// A sender writing into `out`.
+    pub fn new(
+        ram: &'a GuestRam,
+        out: &'a mut FrameWriter<W>,
+        counters: &'a MigrationCounters,
+        limiter: &'a RateLimiter,
+        cancel: &'a AtomicBool,
+        phase: Phase,
+    ) -> Self {
+        let accounted = out.bytes_written();
+        RamSender {
+            ram,
+            out,
+            counters,
+            limiter,
+            cancel,
+            phase,
+            zero_run: None,
+            accounted,
+        }
+    }
+
+    /// Counts bytes written since the last call and waits for rate-limit budget.
+    fn account(&mut self) -> Result<()> {
+        let now = self.out.bytes_written();
+        let delta = now - self.accounted;
+        if delta > 0 {
+            self.accounted = now;
+            self.counters.add_sent(Channel::Main, self.phase, delta);
+            if self.limiter.acquire(delta).is_err() || self.cancel.load(Ordering::Acquire) {
+                return Err(MigrationError::Cancelled);
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_zero_run(&mut self) -> Result<()> {
+        if let Some((first, count)) = self.zero_run.take() {
+            self.out
+                .ram_record(word(first << PAGE_SHIFT, FLAG_ZERO), &[&count.to_le_bytes()])?;
+            self.counters.add_zero_pages(u64::from(count));
+        }
+        Ok(())
+    }
+
+    /// Sends page `page` (a RAM page number).
+    pub fn send_page(&mut self, page: u64) -> Result<()> {
+        let bytes = self
+            .ram
+            .page(page)
+            .ok_or_else(|| MigrationError::Vm(format!("page {page} is outside guest RAM")))?;
+        if is_zero_page(bytes) {
+            match &mut self.zero_run {
+                Some((first, count)) if *first + u64::from(*count) == page && *count < u32::MAX => {
+                    *count += 1;
+                }
+                _ => {
+                    self.flush_zero_run()?;
+                    self.zero_run = Some((page, 1));
+                }
+            }
+        } else {
+            self.flush_zero_run()?;
+            self.out.ram_record(word(page << PAGE_SHIFT, FLAG_PAGE), &[bytes])?;
+            self.counters.add_normal_pages(1);
+        }
+        self.account()
+    }
+
+    /// Sends every page whose bit is set in `bitmap`, clearing the bits; returns the pages
+    /// sent. `between_frames` runs after every 1024 pages (bandwidth estimates, checks).
+    pub fn send_bitmap(
+        &mut self,
+        bitmap: &AtomicBitmap,
+        mut between: impl FnMut(&MigrationCounters) -> Result<()>,
+    ) -> Result<u64> {
+        let mut sent = 0u64;
+        for w in 0..bitmap.word_count() {
+            let mut bits = bitmap.take_word(w);
+            while bits != 0 {
+                let b = bits.trailing_zeros();
+                bits &= bits - 1;
+                let page = w as u64 * 64 + u64::from(b);
+                if let Err(e) = self.send_page(page) {
+                    // Put back what was not sent so a later attempt does not lose it.
+                    bitmap.or_word(w, bits | (1 << b));
+                    return Err(e);
+                }
+                sent += 1;
+                if sent % 1024 == 0 {
+                    between(self.counters)?;
+                }
+            }
+        }
+        self.finish()?;
+        Ok(sent)
+    }
+
+    /// Flushes the pending zero run and the open frame.
+    pub fn finish(&mut self) -> Result<()> {
+        self.flush_zero_run()?;
+        self.out.finish()?;
+        self.account()
+    }
+}

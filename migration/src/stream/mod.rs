@@ -1,0 +1,84 @@
+//! Ferry's migration stream: a versioned, checksummed binary format.
+//!
+//! The same format carries a live migration over a socket, a migration to a
+//! file (`file:PATH`) and a background snapshot. Everything is little-endian.
+//!
+//! ```text
+//!  source                                                   destination
+//!    |-- Header (64 bytes) -------------------------------------->|  magic "FERRYMIG", version,
+//!    |                                                            |  VM UUID, RAM size, page size,
+//!    |                                                            |  vCPUs, features; checked first
+//!    |-- Frame RAM [record...] ---------------------------------->|  pages of the first pass
+//!    |-- Frame RAM ...                                            |
+//!    |-- Frame PASS_END {pass} ---------------------------------->|  end of a pass over memory
+//!    |-- Frame RAM ... (pages dirtied since)                      |  (multifd: the destination
+//!    |-- Frame PASS_END ...                                       |   waits for every channel's SYNC)
+//!    |          ... iterations until the rest fits the downtime budget ...
+//!    |   [source pauses the vCPUs: the downtime starts]           |
+//!    |-- Frame RAM ... (the last dirty pages)                     |
+//!    |-- Frame STATE {vCPUs, VM, devices} ----------------------->|
+//!    |-- Frame END {pages sent, digest} ------------------------->|  destination has everything
+//!    |<------------------------------------ Reply LOADED / FAILED-|  (socket transports only)
+//!    |-- Reply COMMIT -------------------------------------------->|  destination resumes the guest;
+//!    |   [source stays paused: postmigrate]                       |  the downtime ends
+//! ```
+//!
+//! A *frame* is `[type u8][flags u8][reserved u16][len u32] payload[len] [xxh3-64 u64]`; the
+//! checksum covers the 8-byte frame header and the payload, so a flipped bit anywhere in a
+//! frame is detected. Payloads are at most [`MAX_FRAME_PAYLOAD`] bytes. A RAM frame's payload
+//! is a sequence of records, each a u64 word `ram_offset | flags` (offsets are page aligned,
+//! flags live in the low 12 bits, as QEMU does) followed by data that depends on the flags:
+//!
+//! ```text
+//!  ZERO     (0x002)  u32 count: `count` zero pages from ram_offset (QEMU sends one per record)
+//!  PAGE     (0x008)  4096 bytes
+//!  XBZRLE   (0x040)  u8 encoding (0x01), be16 length, encoded delta (QEMU's record)
+//!  COMPRESS (0x100)  u32 length, zlib data of one page (legacy `compress`)
+//! ```
+//!
+//! The *reply channel* (destination to source on the same connection) carries small
+//! messages: `[kind u8][reserved u8 x3][len u32] payload[len]` (LOADED, FAILED with a UTF-8
+//! reason, SWITCHOVER_ACK); the source answers LOADED with COMMIT. No guest runs on the
+//! destination before COMMIT, and the source never resumes its guest after sending COMMIT,
+//! so a lost message leaves at most one copy of the guest running, never two.
+
+pub mod frame;
+pub mod header;
+pub mod ram;
+pub mod reply;
+
+pub use frame::{FrameKind, FrameReader, FrameWriter, MAX_FRAME_PAYLOAD};
+pub use header::{Header, HEADER_LEN, STREAM_MAGIC, STREAM_VERSION};
+pub use ram::{RamRecord, RamRecordReader};
+pub use reply::Reply;
+
+use thiserror::Error;
+
+/// Errors reading or writing a migration stream.
+#[derive(Debug, Error)]
+pub enum StreamError {
+    /// The transport failed.
+    #[error("migration stream I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The stream ended in the middle of something.
+    #[error("migration stream truncated: {0}")]
+    Truncated(&'static str),
+    /// Not a Ferry stream.
+    #[error("not a Ferry migration stream (bad magic)")]
+    BadMagic,
+    /// A version this Ferry cannot read.
+    #[error("unsupported migration stream version {0} (this Ferry reads version {STREAM_VERSION})")]
+    BadVersion(u32),
+    /// A checksum did not match: the data was corrupted.
+    #[error("migration stream corrupted: checksum mismatch in {0}")]
+    Checksum(&'static str),
+    /// A field outside its allowed range.
+    #[error("invalid migration stream: {0}")]
+    Invalid(String),
+    /// The source's VM does not match this one.
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+/// Result alias for this module.
+pub type Result<T> = std::result::Result<T, StreamError>;

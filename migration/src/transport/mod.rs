@@ -1,0 +1,317 @@
+//! Where a migration goes: URIs (`tcp:`, `unix:`, `file:`), connecting and listening.
+
+pub mod uri;
+
+pub use uri::MigrationUri;
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// Errors setting up a transport.
+#[derive(Debug, Error)]
+pub enum TransportError {
+    /// The URI is not one Ferry understands (QEMU's text).
+    #[error("unknown migration protocol: {0}")]
+    UnknownProtocol(String),
+    /// A URI with the right scheme but a bad address.
+    #[error("invalid migration URI '{uri}': {why}")]
+    BadUri {
+        /// The URI.
+        uri: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// Connecting failed.
+    #[error("failed to connect to '{uri}': {source}")]
+    Connect {
+        /// The URI.
+        uri: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Listening failed.
+    #[error("failed to listen on '{uri}': {source}")]
+    Listen {
+        /// The URI.
+        uri: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Opening a file failed.
+    #[error("failed to open migration file {path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Accepting a connection failed.
+    #[error("failed to accept a migration connection: {0}")]
+    Accept(#[source] io::Error),
+}
+
+/// One end of a migration connection, or a file.
+pub enum Channel {
+    /// A TCP connection.
+    Tcp(TcpStream),
+    /// A unix-socket connection.
+    Unix(UnixStream),
+    /// A file being written (outgoing) or read (incoming).
+    File(File),
+}
+
+impl Channel {
+    /// Whether the channel can carry replies from the destination (sockets can, files cannot).
+    pub fn is_bidirectional(&self) -> bool {
+        !matches!(self, Channel::File(_))
+    }
+
+    /// A second handle on the same channel (for a reader thread beside a writer).
+    pub fn try_clone(&self) -> io::Result<Channel> {
+        Ok(match self {
+            Channel::Tcp(s) => Channel::Tcp(s.try_clone()?),
+            Channel::Unix(s) => Channel::Unix(s.try_clone()?),
+            Channel::File(f) => Channel::File(f.try_clone()?),
+        })
+    }
+
+    /// Sets read and write timeouts (None = block forever). Files ignore them.
+    pub fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        match self {
+            Channel::Tcp(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+            Channel::Unix(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+            Channel::File(_) => Ok(()),
+        }
+    }
+
+    /// Shuts both directions down, waking any thread blocked on the channel.
+    pub fn shutdown(&self) {
+        match self {
+            Channel::Tcp(s) => {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            Channel::Unix(s) => {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            Channel::File(_) => {}
+        }
+    }
+
+    /// The raw file descriptor.
+    pub fn raw_fd(&self) -> i32 {
+        match self {
+            Channel::Tcp(s) => s.as_raw_fd(),
+            Channel::Unix(s) => s.as_raw_fd(),
+            Channel::File(f) => f.as_raw_fd(),
+        }
+    }
+
+    /// The unix socket, for passing file descriptors (x-ignore-shared).
+    pub fn as_unix(&self) -> Option<&UnixStream> {
+        match self {
+            Channel::Unix(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+impl Read for Channel {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Channel::Tcp(s) => s.read(buf),
+            Channel::Unix(s) => s.read(buf),
+            Channel::File(f) => f.read(buf),
+        }
+    }
+}
+
+impl Write for Channel {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Channel::Tcp(s) => s.write(buf),
+            Channel::Unix(s) => s.write(buf),
+            Channel::File(f) => f.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Channel::Tcp(s) => s.write_vectored(bufs),
+            Channel::Unix(s) => s.write_vectored(bufs),
+            Channel::File(f) => f.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Channel::Tcp(s) => s.flush(),
+            Channel::Unix(s) => s.flush(),
+            Channel::File(f) => f.flush(),
+        }
+    }
+}
+
+/// Opens the outgoing side of a migration to `uri`.
+pub fn connect(uri: &MigrationUri, timeout: Duration) -> Result<Channel, TransportError> {
+    let text = uri.to_string();
+    match uri {
+        MigrationUri::Tcp { host, port } => {
+            let addrs: Vec<_> = (host.as_str(), *port)
+                .to_socket_addrs()
+                .map_err(|source| TransportError::Connect {
+                    uri: text.clone(),
+                    source,
+                })?
+                .collect();
+            let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+            for a in addrs {
+                match TcpStream::connect_timeout(&a, timeout) {
+                    Ok(s) => {
+                        let _ = s.set_nodelay(true);
+                        return Ok(Channel::Tcp(s));
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            Err(TransportError::Connect {
+                uri: text,
+                source: last,
+            })
+        }
+        MigrationUri::Unix(path) => UnixStream::connect(path)
+            .map(Channel::Unix)
+            .map_err(|source| TransportError::Connect { uri: text, source }),
+        MigrationUri::File { path, offset } => {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(*offset == 0)
+                .open(path)
+                .map_err(|source| TransportError::File {
+                    path: path.clone(),
+                    source,
+                })?;
+            if *offset > 0 {
+                f.seek(SeekFrom::Start(*offset))
+                    .and_then(|_| f.set_len(*offset))
+                    .map_err(|source| TransportError::File {
+                        path: path.clone(),
+                        source,
+                    })?;
+            }
+            Ok(Channel::File(f))
+        }
+    }
+}
+
+/// The incoming side before any connection.
+pub enum Listener {
+    /// A TCP listener.
+    Tcp(TcpListener),
+    /// A unix-socket listener (the path is removed on drop).
+    Unix(UnixListener, PathBuf),
+    /// A file to read.
+    File(PathBuf, u64),
+}
+
+impl Listener {
+    /// Starts listening on `uri` (files are opened at accept time).
+    pub fn bind(uri: &MigrationUri) -> Result<Listener, TransportError> {
+        let text = uri.to_string();
+        match uri {
+            MigrationUri::Tcp { host, port } => {
+                let l = TcpListener::bind((host.as_str(), *port))
+                    .map_err(|source| TransportError::Listen { uri: text, source })?;
+                Ok(Listener::Tcp(l))
+            }
+            MigrationUri::Unix(path) => {
+                let _ = std::fs::remove_file(path);
+                let l = UnixListener::bind(path)
+                    .map_err(|source| TransportError::Listen { uri: text, source })?;
+                Ok(Listener::Unix(l, path.clone()))
+            }
+            MigrationUri::File { path, offset } => Ok(Listener::File(path.clone(), *offset)),
+        }
+    }
+
+    /// The local port of a TCP listener (useful with port 0).
+    pub fn local_port(&self) -> Option<u16> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok().map(|a| a.port()),
+            _ => None,
+        }
+    }
+
+    /// Waits for the next connection (or opens the file).
+    pub fn accept(&self) -> Result<Channel, TransportError> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept().map_err(TransportError::Accept)?;
+                let _ = s.set_nodelay(true);
+                Ok(Channel::Tcp(s))
+            }
+            Listener::Unix(l, _) => {
+                let (s, _) = l.accept().map_err(TransportError::Accept)?;
+                Ok(Channel::Unix(s))
+            }
+            Listener::File(path, offset) => {
+                let mut f = File::open(path).map_err(|source| TransportError::File {
+                    path: path.clone(),
+                    source,
+                })?;
+                f.seek(SeekFrom::Start(*offset))
+                    .map_err(|source| TransportError::File {
+                        path: path.clone(),
+                        source,
+                    })?;
+                Ok(Channel::File(f))
+            }
+        }
+    }
+
+    /// A handle that can wake a thread blocked in [`Listener::accept`] (by shutting the socket).
+    pub fn waker(&self) -> Option<OwnedFd> {
+        let fd = match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l, _) => l.as_raw_fd(),
+            Listener::File(..) => return None,
+        };
+        // SAFETY: dup of a valid descriptor owned by self; the duplicate is owned by the caller.
+        let d = unsafe { libc::dup(fd) };
+        if d < 0 {
+            return None;
+        }
+        // SAFETY: `d` is a fresh descriptor nobody else owns.
+        Some(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(d) })
+    }
+}
+
+/// Wakes a thread blocked in accept() on the listener `waker` was taken from.
+pub fn wake_accept(waker: &OwnedFd) {
+    // SAFETY: shutdown on a valid socket descriptor; it makes a blocked accept() return.
+    unsafe {
+        libc::shutdown(waker.as_raw_fd(), libc::SHUT_RDWR);
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! The seam between migration and the VMM: what a migration needs from a VM.
+//!
+//! `migration` never talks to KVM. The VMM implements these traits with
+//! kvm-ioctls; tests implement them in memory.
+
+use std::sync::Arc;
+
+use ram::{AtomicBitmap, GuestRam};
+
+/// A source of dirty-page information (KVM's dirty log or ring, userfaultfd write-protect...).
+pub trait DirtyTracker: Send + Sync {
+    /// A short name for reports ("kvm-dirty-log", "kvm-dirty-ring", ...).
+    fn name(&self) -> &str;
+    /// Starts tracking. From now on every page written is reported by [`DirtyTracker::sync`];
+    /// the caller treats all pages as dirty at the start.
+    fn start(&self) -> Result<(), String>;
+    /// ORs the pages written since the previous call into `bitmap` (one bit per RAM page,
+    /// RAM-offset order) and returns how many bits it set that were clear.
+    fn sync(&self, bitmap: &AtomicBitmap) -> Result<u64, String>;
+    /// Stops tracking.
+    fn stop(&self);
+}
+
+/// What the sending side needs from its VM.
+pub trait SourceVm: Send + Sync {
+    /// Guest memory.
+    fn ram(&self) -> Arc<GuestRam>;
+    /// Number of vCPUs.
+    fn vcpus(&self) -> u32;
+    /// The VM's UUID.
+    fn uuid(&self) -> [u8; 16];
+    /// The dirty tracker to use for this migration.
+    fn dirty_tracker(&self) -> Arc<dyn DirtyTracker>;
+    /// Whether the vCPUs are running.
+    fn is_running(&self) -> bool;
+    /// Stops the vCPUs for the switchover.
+    fn stop_vcpus(&self) -> Result<(), String>;
+    /// Lets the vCPUs run again (a failed or cancelled migration).
+    fn resume_vcpus(&self) -> Result<(), String>;
+    /// Sets the auto-converge throttle (0 = off).
+    fn set_throttle(&self, pct: u8);
+    /// Serializes vCPU, VM and device state (vCPUs stopped).
+    fn save_state(&self) -> Result<Vec<u8>, String>;
+    /// The migration completed: the VM stays stopped for good (postmigrate).
+    fn migrated_away(&self);
+}
+
+/// What the receiving side needs from its VM.
+pub trait DestVm: Send + Sync {
+    /// Guest memory.
+    fn ram(&self) -> Arc<GuestRam>;
+    /// Number of vCPUs.
+    fn vcpus(&self) -> u32;
+    /// The VM's UUID (checked against the stream's with validate-uuid).
+    fn uuid(&self) -> [u8; 16];
+    /// Loads state saved by [`SourceVm::save_state`].
+    fn load_state(&self, state: &[u8]) -> Result<(), String>;
+    /// Starts the guest (after the source's COMMIT).
+    fn start(&self) -> Result<(), String>;
+}

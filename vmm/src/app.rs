@@ -1,0 +1,156 @@
+//! A running Ferry VMM: the machine, its migration settings and state, and how it ends.
+
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use migration::dest::Incoming;
+use migration::events::MigrationEvents;
+use migration::options::MigrationOptions;
+use migration::source::Outgoing;
+use migration::transport::MigrationUri;
+use serde_json::Value;
+
+use crate::machine::{EventSink, Machine};
+use crate::qmp::EventBus;
+use crate::vm_adapter::MachineDest;
+
+/// Forwards machine and migration events to QMP clients.
+#[derive(Clone)]
+pub struct QmpEvents(pub EventBus);
+
+impl EventSink for QmpEvents {
+    fn emit(&self, name: &str, data: Value) {
+        let data = match data {
+            Value::Object(m) if m.is_empty() => None,
+            other => Some(other),
+        };
+        self.0.emit(name, data);
+    }
+}
+
+impl MigrationEvents for QmpEvents {
+    fn emit(&self, name: &str, data: Value) {
+        EventSink::emit(self, name, data);
+    }
+}
+
+/// How this process waits for an incoming migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IncomingMode {
+    /// Not an incoming VM.
+    None,
+    /// `--incoming defer`: waits for QMP `migrate-incoming`.
+    Defer,
+    /// Listening (or done).
+    Started,
+}
+
+/// The VMM.
+pub struct Vmm {
+    /// The machine.
+    pub machine: Arc<Machine>,
+    /// Migration capabilities and parameters.
+    pub options: Arc<MigrationOptions>,
+    /// QMP events.
+    pub events: QmpEvents,
+    /// The VM's UUID (QEMU's -uuid; all zeros by default, as in QEMU).
+    pub uuid: [u8; 16],
+    /// Start the guest after an incoming migration (false with `-S`/`--paused`).
+    pub autostart: bool,
+    /// The current or last outgoing migration.
+    pub outgoing: Mutex<Option<Arc<Outgoing>>>,
+    /// The incoming migration.
+    pub incoming: Mutex<Option<Arc<Incoming>>>,
+    /// Incoming state.
+    pub incoming_mode: Mutex<IncomingMode>,
+    exit: Mutex<Option<i32>>,
+    exit_cond: Condvar,
+    exit_code: AtomicI32,
+}
+
+impl Vmm {
+    /// A VMM around `machine`.
+    pub fn new(
+        machine: Arc<Machine>,
+        options: Arc<MigrationOptions>,
+        events: QmpEvents,
+        uuid: [u8; 16],
+        autostart: bool,
+        incoming_mode: IncomingMode,
+    ) -> Arc<Vmm> {
+        Arc::new(Vmm {
+            machine,
+            options,
+            events,
+            uuid,
+            autostart,
+            outgoing: Mutex::new(None),
+            incoming: Mutex::new(None),
+            incoming_mode: Mutex::new(incoming_mode),
+            exit: Mutex::new(None),
+            exit_cond: Condvar::new(),
+            exit_code: AtomicI32::new(0),
+        })
+    }
+
+    /// Asks the process to exit with `code`.
+    pub fn request_exit(&self, code: i32) {
+        self.exit_code.store(code, Ordering::Release);
+        if let Ok(mut e) = self.exit.lock() {
+            e.get_or_insert(code);
+        }
+        self.exit_cond.notify_all();
+    }
+
+    /// Blocks until [`Vmm::request_exit`] or `poll` returns Some; returns the exit code.
+    pub fn wait_exit(&self, poll: impl Fn() -> Option<i32>) -> i32 {
+        let mut e = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(code) = *e {
+                return code;
+            }
+            if let Some(code) = poll() {
+                return code;
+            }
+            e = self
+                .exit_cond
+                .wait_timeout(e, std::time::Duration::from_millis(100))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// Starts listening for an incoming migration on `uri`.
+    pub fn start_incoming(self: &Arc<Self>, uri: &MigrationUri) -> Result<(), String> {
+        self.options.set_incoming(true);
+        let dest = Arc::new(MachineDest::new(self.machine.clone(), self.uuid, self.autostart));
+        let me = self.clone();
+        let fresh = !matches!(self.machine.config().memory.backend, ram::Backend::File { .. });
+        let incoming = Incoming::start(
+            uri,
+            dest,
+            self.options.clone(),
+            Arc::new(self.events.clone()),
+            fresh,
+            Box::new(move |result| {
+                me.options.set_incoming(false);
+                match result {
+                    Ok(()) => {}
+                    Err(e) => {
+                        // As QEMU does: an incoming migration that fails ends the process,
+                        // and no guest ever runs here.
+                        eprintln!("ferry: load of migration failed: {e}");
+                        me.request_exit(1);
+                    }
+                }
+            }),
+        )
+        .map_err(|e| e.to_string())?;
+        if let Some(port) = incoming.port() {
+            eprintln!("ferry: waiting for an incoming migration on port {port}");
+        }
+        *self.incoming.lock().map_err(|_| "lock poisoned".to_string())? = Some(incoming);
+        *self.incoming_mode.lock().map_err(|_| "lock poisoned".to_string())? = IncomingMode::Started;
+        Ok(())
+    }
+}

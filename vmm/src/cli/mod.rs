@@ -1,0 +1,36 @@
+//! The `ferry` command line: one subcommand per file.
+
+pub mod probe;
+pub mod qmp_cmd;
+pub mod run;
+
+use clap::{Parser, Subcommand};
+
+/// Ferry: a KVM micro-VMM built to move running guests.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot the self-verifying test guest (or wait for an incoming migration) and serve QMP.
+    Run(run::RunArgs),
+    /// Send one QMP command to a running Ferry and print the reply.
+    Qmp(qmp_cmd::QmpArgs),
+    /// Show what this host's kernel offers Ferry (KVM, userfaultfd, huge pages).
+    Probe(probe::ProbeArgs),
+}
+
+/// Runs the parsed command line; returns the process exit code.
+pub fn main_with(cli: Cli) -> i32 {
+    match cli.command {
+        Command::Run(a) => run::run(a),
+        Command::Qmp(a) => qmp_cmd::run(a),
+        Command::Probe(a) => probe::run(a),
+    }
+}

@@ -1,0 +1,179 @@
+//! `ferry run`: boot the test guest (or wait for an incoming migration) and serve QMP.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::Args;
+use devices::SerialOutput;
+use migration::options::MigrationOptions;
+use migration::transport::MigrationUri;
+use ram::MemoryConfig;
+
+use crate::app::{IncomingMode, QmpEvents, Vmm};
+use crate::commands::command_table;
+use crate::guest::layout::GuestLayout;
+use crate::kvm::vm::VmOptions;
+use crate::machine::{Machine, MachineConfig, Workload};
+use crate::qmp::{EventBus, QmpServer, ServerConfig};
+
+/// Arguments of `ferry run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Guest memory: SIZE[,backend=memfd|anon|file][,mem-path=FILE][,share=on|off][,prealloc=on][,hugepages=thp|hugetlb]
+    /// (a bare number is MiB, as with QEMU's -m).
+    #[arg(long, default_value = "512M")]
+    pub memory: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: usize,
+    /// The test guest's workload: working-set=SIZE,rate=PAGES_PER_SEC (rate 0 = as fast as possible).
+    /// Default: a working set of half the memory (at most 256 MiB) at 10000 pages/s.
+    #[arg(long)]
+    pub workload: Option<String>,
+    /// Serve QMP on this unix socket (created with mode 0600).
+    #[arg(long)]
+    pub qmp: Option<PathBuf>,
+    /// Wait for an incoming migration: tcp:HOST:PORT, unix:PATH, file:PATH, or defer
+    /// (then QMP migrate-incoming).
+    #[arg(long)]
+    pub incoming: Option<String>,
+    /// Where the guest's serial console goes: stdout, file:PATH or none.
+    #[arg(long, default_value = "stdout")]
+    pub serial: String,
+    /// The VM's UUID (checked by the destination with the validate-uuid capability).
+    #[arg(long)]
+    pub uuid: Option<String>,
+    /// Do not start the guest (after boot, or after an incoming migration) until QMP cont.
+    #[arg(short = 'S', long = "paused")]
+    pub paused: bool,
+    /// Do not create KVM's in-kernel irqchip.
+    #[arg(long)]
+    pub no_irqchip: bool,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_term(_sig: libc::c_int) {
+    STOP.store(true, Ordering::Release);
+}
+
+fn install_term_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(sig, on_term as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+fn build(a: &RunArgs) -> Result<(MachineConfig, Option<String>, [u8; 16]), String> {
+    let memory: MemoryConfig = a.memory.parse().map_err(|e| format!("--memory: {e}"))?;
+    let max_ws = GuestLayout::max_ws_pages(memory.size) * 4096;
+    let default_ws = (memory.size / 2).min(256 << 20).min(max_ws);
+    let workload = Workload::parse(
+        a.workload.as_deref().unwrap_or(""),
+        Workload {
+            working_set: default_ws,
+            rate: 10_000,
+        },
+    )
+    .map_err(|e| format!("--workload: {e}"))?;
+    let serial: SerialOutput = a.serial.parse().map_err(|e| format!("--serial: {e}"))?;
+    let uuid = match &a.uuid {
+        None => [0u8; 16],
+        Some(u) => *uuid::Uuid::parse_str(u)
+            .map_err(|e| format!("--uuid: {e}"))?
+            .as_bytes(),
+    };
+    Ok((
+        MachineConfig {
+            memory,
+            vcpus: a.vcpus,
+            workload,
+            serial,
+            vm: VmOptions {
+                irqchip: !a.no_irqchip,
+                ..VmOptions::default()
+            },
+        },
+        a.incoming.clone(),
+        uuid,
+    ))
+}
+
+/// Runs `ferry run`; returns the exit code.
+pub fn run(a: RunArgs) -> i32 {
+    let (config, incoming, uuid) = match build(&a) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            return 2;
+        }
+    };
+    let incoming_uri = match incoming.as_deref() {
+        None | Some("defer") => None,
+        Some(u) => match u.parse::<MigrationUri>() {
+            Ok(u) => Some(u),
+            Err(e) => {
+                eprintln!("ferry: --incoming: {e}");
+                return 2;
+            }
+        },
+    };
+    install_term_handlers();
+    let bus = EventBus::new();
+    let events = QmpEvents(bus.clone());
+    let machine = if incoming.is_some() {
+        Machine::incoming(config, Arc::new(events.clone()))
+    } else {
+        Machine::boot(config, Arc::new(events.clone()))
+    };
+    let machine = match machine {
+        Ok(m) => Arc::new(m),
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            return 1;
+        }
+    };
+    if a.paused && incoming.is_none() {
+        let _ = machine.pause(crate::machine::RunState::Paused);
+    }
+    let mode = match incoming.as_deref() {
+        None => IncomingMode::None,
+        Some(_) => IncomingMode::Defer,
+    };
+    let vmm = Vmm::new(
+        machine,
+        Arc::new(MigrationOptions::new()),
+        events,
+        uuid,
+        !a.paused,
+        mode,
+    );
+    let server = match &a.qmp {
+        None => None,
+        Some(path) => {
+            let table = command_table(&vmm);
+            match QmpServer::start(path, Arc::new(table), bus.clone(), ServerConfig::default()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    eprintln!("ferry: {e}");
+                    return 1;
+                }
+            }
+        }
+    };
+    if let Some(uri) = &incoming_uri {
+        if let Err(e) = vmm.start_incoming(uri) {
+            eprintln!("ferry: --incoming {uri}: {e}");
+            return 1;
+        }
+    }
+    let code = vmm.wait_exit(|| STOP.load(Ordering::Acquire).then_some(0));
+    if let Some(s) = server {
+        s.handle().shutdown();
+        s.join();
+    }
+    code
+}

@@ -1,0 +1,171 @@
+//! The machine as migration sees it: `migration::vm::{SourceVm, DestVm}` for [`Machine`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use devices::DeviceState;
+use migration::vm::{DestVm, DirtyTracker, SourceVm};
+use ram::GuestRam;
+use serde::{Deserialize, Serialize};
+
+use crate::dirty::KvmDirtyLog;
+use crate::kvm::state::{VcpuState, VmState};
+use crate::machine::{Machine, RunState};
+
+/// Everything but RAM that a migration or snapshot carries, as one serde document.
+#[derive(Serialize, Deserialize)]
+pub struct SavedState {
+    /// Format version of this document.
+    pub version: u32,
+    /// Whether the guest was running when saved (the destination starts it only then).
+    pub running: bool,
+    /// Guest TSC frequency on the source.
+    pub tsc_khz: u64,
+    /// Every vCPU.
+    pub vcpus: Vec<VcpuState>,
+    /// VM-wide KVM state.
+    pub vm: VmState,
+    /// Devices.
+    pub devices: DeviceState,
+}
+
+/// Version of [`SavedState`] this Ferry writes.
+pub const SAVED_STATE_VERSION: u32 = 1;
+
+/// Serializes the machine's non-RAM state (vCPUs must be stopped).
+pub fn save_state(m: &Machine, running: bool) -> Result<Vec<u8>, String> {
+    let s = SavedState {
+        version: SAVED_STATE_VERSION,
+        running,
+        tsc_khz: m.tsc_khz(),
+        vcpus: m.save_vcpus().map_err(|e| e.to_string())?,
+        vm: m.save_vm().map_err(|e| e.to_string())?,
+        devices: m.save_devices().map_err(|e| e.to_string())?,
+    };
+    serde_json::to_vec(&s).map_err(|e| format!("cannot serialize the VM state: {e}"))
+}
+
+/// Restores state saved by [`save_state`]; returns whether the guest was running.
+pub fn load_state(m: &Machine, bytes: &[u8]) -> Result<bool, String> {
+    let s: SavedState =
+        serde_json::from_slice(bytes).map_err(|e| format!("invalid VM state in the stream: {e}"))?;
+    if s.version != SAVED_STATE_VERSION {
+        return Err(format!("VM state version {} is not supported", s.version));
+    }
+    m.restore_vm(&s.vm).map_err(|e| e.to_string())?;
+    m.restore_vcpus(s.vcpus).map_err(|e| e.to_string())?;
+    m.restore_devices(&s.devices).map_err(|e| e.to_string())?;
+    Ok(s.running)
+}
+
+/// The outgoing side: a running machine.
+pub struct MachineSource {
+    machine: Arc<Machine>,
+    tracker: Arc<KvmDirtyLog>,
+    uuid: [u8; 16],
+    was_running: AtomicBool,
+}
+
+impl MachineSource {
+    /// Wraps `machine`.
+    pub fn new(machine: Arc<Machine>, uuid: [u8; 16]) -> Self {
+        let tracker = Arc::new(KvmDirtyLog::new(machine.vm().clone()));
+        MachineSource {
+            machine,
+            tracker,
+            uuid,
+            was_running: AtomicBool::new(false),
+        }
+    }
+}
+
+impl SourceVm for MachineSource {
+    fn ram(&self) -> Arc<GuestRam> {
+        self.machine.ram().clone()
+    }
+    fn vcpus(&self) -> u32 {
+        self.machine.vcpus().len() as u32
+    }
+    fn uuid(&self) -> [u8; 16] {
+        self.uuid
+    }
+    fn dirty_tracker(&self) -> Arc<dyn DirtyTracker> {
+        self.tracker.clone()
+    }
+    fn is_running(&self) -> bool {
+        self.machine.is_running()
+    }
+    fn stop_vcpus(&self) -> Result<(), String> {
+        self.was_running.store(self.machine.is_running(), Ordering::Release);
+        self.machine
+            .pause(RunState::FinishMigrate)
+            .map_err(|e| e.to_string())
+    }
+    fn resume_vcpus(&self) -> Result<(), String> {
+        if self.was_running.load(Ordering::Acquire) {
+            self.machine.resume().map_err(|e| e.to_string())
+        } else {
+            self.machine.mark(RunState::Paused);
+            Ok(())
+        }
+    }
+    fn set_throttle(&self, pct: u8) {
+        let pct = if pct == 0 {
+            0
+        } else {
+            migration::auto_converge::clamp_throttle(pct)
+        };
+        self.machine.set_throttle(pct);
+    }
+    fn save_state(&self) -> Result<Vec<u8>, String> {
+        save_state(&self.machine, self.was_running.load(Ordering::Acquire))
+    }
+    fn migrated_away(&self) {
+        self.machine.mark(RunState::PostMigrate);
+    }
+}
+
+/// The incoming side: a machine waiting for its state.
+pub struct MachineDest {
+    machine: Arc<Machine>,
+    uuid: [u8; 16],
+    autostart: bool,
+    source_running: AtomicBool,
+}
+
+impl MachineDest {
+    /// Wraps `machine`; `autostart` false keeps the guest paused after the migration (`-S`).
+    pub fn new(machine: Arc<Machine>, uuid: [u8; 16], autostart: bool) -> Self {
+        MachineDest {
+            machine,
+            uuid,
+            autostart,
+            source_running: AtomicBool::new(true),
+        }
+    }
+}
+
+impl DestVm for MachineDest {
+    fn ram(&self) -> Arc<GuestRam> {
+        self.machine.ram().clone()
+    }
+    fn vcpus(&self) -> u32 {
+        self.machine.vcpus().len() as u32
+    }
+    fn uuid(&self) -> [u8; 16] {
+        self.uuid
+    }
+    fn load_state(&self, state: &[u8]) -> Result<(), String> {
+        let running = load_state(&self.machine, state)?;
+        self.source_running.store(running, Ordering::Release);
+        Ok(())
+    }
+    fn start(&self) -> Result<(), String> {
+        if self.autostart && self.source_running.load(Ordering::Acquire) {
+            self.machine.resume().map_err(|e| e.to_string())
+        } else {
+            self.machine.mark(RunState::Paused);
+            Ok(())
+        }
+    }
+}
