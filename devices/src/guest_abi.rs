@@ -178,7 +178,10 @@ mod tests {
         assert_ne!(a, b);
         assert!(page_matches(7, 3, &a));
         assert!(!page_matches(7, 2, &a), "an older generation must not pass");
-        assert!(!page_matches(8, 3, &a), "another page's contents must not pass");
+        assert!(
+            !page_matches(8, 3, &a),
+            "another page's contents must not pass"
+        );
         a[4000] ^= 0x10;
         assert!(!page_matches(7, 3, &a), "a flipped bit must not pass");
     }

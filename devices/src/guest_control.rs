@@ -109,7 +109,9 @@ impl GuestControl {
             )));
         }
         for s in &layout.slices {
-            if ram.gpa_to_offset(s.mailbox_gpa).is_none() || s.first_page + s.pages > layout.ws_pages {
+            if ram.gpa_to_offset(s.mailbox_gpa).is_none()
+                || s.first_page + s.pages > layout.ws_pages
+            {
                 return Err(ControlError::BadLayout(format!("bad slice {s:?}")));
             }
         }
@@ -149,7 +151,11 @@ impl GuestControl {
             w(mailbox::VERIFY_REQ, 0)?;
             w(mailbox::VERIFY_ACK, 0)?;
             w(mailbox::VERIFY_FIRST_BAD, u64::MAX)?;
-            let (va, len) = if i == 0 { banner.unwrap_or((0, 0)) } else { (0, 0) };
+            let (va, len) = if i == 0 {
+                banner.unwrap_or((0, 0))
+            } else {
+                (0, 0)
+            };
             w(mailbox::BANNER_VA, va)?;
             w(mailbox::BANNER_LEN, len)?;
             w(mailbox::REPORT_PASSES, 1)?;
@@ -161,7 +167,8 @@ impl GuestControl {
     /// Changes the pacing of every vCPU (TSC ticks between page writes; 0 = unpaced).
     pub fn set_ticks_per_page(&self, ticks: u64) -> Result<(), ControlError> {
         for s in &self.layout.slices {
-            self.ram.write_u64(s.mailbox_gpa + mailbox::TICKS_PER_PAGE, ticks)?;
+            self.ram
+                .write_u64(s.mailbox_gpa + mailbox::TICKS_PER_PAGE, ticks)?;
         }
         Ok(())
     }
@@ -224,7 +231,8 @@ impl GuestControl {
         let mut want = Vec::with_capacity(n);
         for (i, s) in self.layout.slices.iter().enumerate() {
             let seq = self.read(i, mailbox::VERIFY_REQ)?.wrapping_add(1);
-            self.ram.write_u64(s.mailbox_gpa + mailbox::VERIFY_REQ, seq)?;
+            self.ram
+                .write_u64(s.mailbox_gpa + mailbox::VERIFY_REQ, seq)?;
             want.push(seq);
         }
         let deadline = Instant::now() + timeout;

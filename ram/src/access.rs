@@ -24,7 +24,7 @@ pub fn is_zero_page(page: &[u8]) -> bool {
 
 /// A 64-bit hash of a page's contents (xxh3), for comparing memory across hosts.
 pub fn page_hash(page: &[u8]) -> u64 {
-    debug_assert!(page.len() <= PAGE_SIZE || page.len() % PAGE_SIZE == 0);
+    debug_assert!(page.len() <= PAGE_SIZE || page.len().is_multiple_of(PAGE_SIZE));
     xxhash_rust::xxh3::xxh3_64(page)
 }
 

@@ -53,7 +53,9 @@ pub enum RamError {
         source: io::Error,
     },
     /// hugetlb asked for but the host has none reserved.
-    #[error("hugetlb pages requested but the host has none free (see /proc/sys/vm/nr_hugepages): {0}")]
+    #[error(
+        "hugetlb pages requested but the host has none free (see /proc/sys/vm/nr_hugepages): {0}"
+    )]
     NoHugetlbPages(#[source] io::Error),
     /// The mem-path file could not be opened.
     #[error("cannot open memory file {path}: {source}")]
@@ -113,7 +115,7 @@ fn fs_magic(file: &File) -> io::Result<i64> {
     }
     // SAFETY: fstatfs succeeded, so the struct is initialised.
     let st = unsafe { st.assume_init() };
-    Ok(st.f_type as i64)
+    Ok(st.f_type)
 }
 
 fn memfd(name: &str, hugetlb: bool) -> Result<File, RamError> {
@@ -152,13 +154,18 @@ fn open_mem_file(path: &Path, size: u64, shared: bool) -> Result<File, RamError>
     // A mapping beyond EOF would SIGBUS: grow the file to the guest's size, as QEMU does.
     let _ = shared;
     if len < size {
-        file.set_len(size).map_err(|source| RamError::Truncate { size, source })?;
+        file.set_len(size)
+            .map_err(|source| RamError::Truncate { size, source })?;
     }
     Ok(file)
 }
 
 /// Creates the backing object for `size` bytes of guest RAM.
-pub fn create_backing(backend: &Backend, size: u64, hugepages: HugePages) -> Result<Backing, RamError> {
+pub fn create_backing(
+    backend: &Backend,
+    size: u64,
+    hugepages: HugePages,
+) -> Result<Backing, RamError> {
     let hugetlb = hugepages == HugePages::Hugetlb;
     match backend {
         Backend::SharedMemfd => {
@@ -234,7 +241,11 @@ pub fn map_region(backing: &Backing, offset: u64, size: u64) -> Result<*mut u8, 
             -1
         }
     };
-    let file_offset = if backing.file.is_some() { offset as libc::off_t } else { 0 };
+    let file_offset = if backing.file.is_some() {
+        offset as libc::off_t
+    } else {
+        0
+    };
     // SAFETY: a fresh mapping chosen by the kernel (addr NULL); it touches no existing memory.
     let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd, file_offset) };
     if ptr == libc::MAP_FAILED {
@@ -268,7 +279,9 @@ pub const MADV_POPULATE_WRITE: i32 = 23;
 /// Populates (faults in, writable) `len` bytes at `addr`, spread over `threads` threads.
 pub fn populate(addr: *mut u8, len: usize, threads: usize) -> Result<(), RamError> {
     let threads = threads.max(1);
-    let chunk = len.div_ceil(threads).next_multiple_of(crate::geometry::HUGE_PAGE_SIZE);
+    let chunk = len
+        .div_ceil(threads)
+        .next_multiple_of(crate::geometry::HUGE_PAGE_SIZE);
     let base = addr as usize;
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
@@ -277,15 +290,19 @@ pub fn populate(addr: *mut u8, len: usize, threads: usize) -> Result<(), RamErro
                 (start < len).then(|| {
                     let this = chunk.min(len - start);
                     s.spawn(move || {
-                        madvise((base + start) as *mut u8, this, MADV_POPULATE_WRITE, "POPULATE_WRITE")
+                        madvise(
+                            (base + start) as *mut u8,
+                            this,
+                            MADV_POPULATE_WRITE,
+                            "POPULATE_WRITE",
+                        )
                     })
                 })
             })
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or(Ok(())))
-            .collect::<Result<(), RamError>>()
+            .try_for_each(|h| h.join().unwrap_or(Ok(())))
     })
 }
 

@@ -41,7 +41,7 @@ impl AtomicBitmap {
         let end = start.saturating_add(count).min(self.bits);
         let mut i = start;
         while i < end {
-            if i % 64 == 0 && end - i >= 64 {
+            if i.is_multiple_of(64) && end - i >= 64 {
                 self.words[(i / 64) as usize].store(u64::MAX, Ordering::Release);
                 i += 64;
             } else {
@@ -53,7 +53,8 @@ impl AtomicBitmap {
 
     /// Whether bit `i` is set.
     pub fn get(&self, i: u64) -> bool {
-        i < self.bits && self.words[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0
+        i < self.bits
+            && self.words[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0
     }
 
     /// Atomically clears bit `i`, returning whether it was set.

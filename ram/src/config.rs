@@ -171,7 +171,8 @@ impl FromStr for MemoryConfig {
             (Some("anon") | Some("private"), None) => {
                 if share == Some(true) {
                     return Err(MemoryConfigError::Conflict(
-                        "backend=anon is private memory; use backend=memfd for share=on".to_string(),
+                        "backend=anon is private memory; use backend=memfd for share=on"
+                            .to_string(),
                     ));
                 }
                 Backend::AnonymousPrivate
@@ -223,8 +224,14 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        assert!(matches!("3M".parse::<MemoryConfig>(), Err(MemoryConfigError::BadSize(_))));
-        assert!(matches!("0".parse::<MemoryConfig>(), Err(MemoryConfigError::BadSize(_))));
+        assert!(matches!(
+            "3M".parse::<MemoryConfig>(),
+            Err(MemoryConfigError::BadSize(_))
+        ));
+        assert!(matches!(
+            "0".parse::<MemoryConfig>(),
+            Err(MemoryConfigError::BadSize(_))
+        ));
         assert!(matches!(
             "64M,colour=red".parse::<MemoryConfig>(),
             Err(MemoryConfigError::UnknownOption(_))

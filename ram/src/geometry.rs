@@ -14,7 +14,7 @@ pub const fn pages_for(bytes: u64) -> u64 {
 
 /// Whether `value` is a multiple of [`PAGE_SIZE`].
 pub const fn is_page_aligned(value: u64) -> bool {
-    value % PAGE_SIZE as u64 == 0
+    value.is_multiple_of(PAGE_SIZE as u64)
 }
 
 /// Rounds `value` up to the next multiple of `align` (a power of two).

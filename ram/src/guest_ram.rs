@@ -96,7 +96,12 @@ impl GuestRam {
             // SAFETY: `host` is a live mapping of `size` bytes that this GuestRam owns and
             // unmaps only in Drop, after the GuestMemoryMmap (which does not own it) is gone.
             let mr = unsafe {
-                MmapRegion::build_raw(host, size as usize, libc::PROT_READ | libc::PROT_WRITE, flags)
+                MmapRegion::build_raw(
+                    host,
+                    size as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    flags,
+                )
             }
             .map_err(|e| RamError::Mmap {
                 size,
@@ -122,7 +127,12 @@ impl GuestRam {
         };
         for r in &ram.regions {
             if ram.config.hugepages == HugePages::Thp {
-                backend::madvise(r.host_addr as *mut u8, r.size as usize, libc::MADV_HUGEPAGE, "HUGEPAGE")?;
+                backend::madvise(
+                    r.host_addr as *mut u8,
+                    r.size as usize,
+                    libc::MADV_HUGEPAGE,
+                    "HUGEPAGE",
+                )?;
             }
         }
         if ram.config.prealloc {
@@ -197,7 +207,10 @@ impl GuestRam {
 
     /// Host address of the byte at `ram_offset`, with the bytes left in its region.
     pub fn host_addr(&self, ram_offset: u64) -> Option<(*mut u8, u64)> {
-        let r = self.regions.iter().find(|r| r.contains_offset(ram_offset))?;
+        let r = self
+            .regions
+            .iter()
+            .find(|r| r.contains_offset(ram_offset))?;
         let within = ram_offset - r.ram_offset;
         Some(((r.host_addr + within as usize) as *mut u8, r.size - within))
     }
@@ -221,7 +234,9 @@ impl GuestRam {
 
     /// Copies page `page` into `out` (which must be PAGE_SIZE bytes).
     pub fn read_page(&self, page: u64, out: &mut [u8]) -> Result<(), RamError> {
-        let src = self.page(page).ok_or(RamError::OutOfRange(page << PAGE_SHIFT))?;
+        let src = self
+            .page(page)
+            .ok_or(RamError::OutOfRange(page << PAGE_SHIFT))?;
         out[..PAGE_SIZE].copy_from_slice(src);
         Ok(())
     }
@@ -229,7 +244,9 @@ impl GuestRam {
     /// Writes `data` (at most one page) into page `page` without marking it dirty
     /// (the incoming side of a migration, where the guest is not running).
     pub fn write_page(&self, page: u64, data: &[u8]) -> Result<(), RamError> {
-        let dst = self.page_ptr(page).ok_or(RamError::OutOfRange(page << PAGE_SHIFT))?;
+        let dst = self
+            .page_ptr(page)
+            .ok_or(RamError::OutOfRange(page << PAGE_SHIFT))?;
         let n = data.len().min(PAGE_SIZE);
         // SAFETY: `dst` points at PAGE_SIZE writable bytes of a live mapping and `n <= PAGE_SIZE`;
         // `data` is a separate Rust buffer, so the ranges do not overlap.
@@ -239,7 +256,9 @@ impl GuestRam {
 
     /// Fills page `page` with zeros (no dirty marking).
     pub fn zero_page(&self, page: u64) -> Result<(), RamError> {
-        let dst = self.page_ptr(page).ok_or(RamError::OutOfRange(page << PAGE_SHIFT))?;
+        let dst = self
+            .page_ptr(page)
+            .ok_or(RamError::OutOfRange(page << PAGE_SHIFT))?;
         // SAFETY: `dst` points at PAGE_SIZE writable bytes of a live mapping.
         unsafe { std::ptr::write_bytes(dst, 0, PAGE_SIZE) };
         Ok(())
@@ -326,7 +345,8 @@ impl GuestRam {
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         for r in &self.regions {
             // SAFETY: the region's mapping is live for `self`'s life; contents may race (see type doc).
-            let bytes = unsafe { std::slice::from_raw_parts(r.host_addr as *const u8, r.size as usize) };
+            let bytes =
+                unsafe { std::slice::from_raw_parts(r.host_addr as *const u8, r.size as usize) };
             h.update(bytes);
         }
         h.digest()
@@ -335,7 +355,9 @@ impl GuestRam {
     /// Gives the physical pages of `[ram_offset, ram_offset + len)` back to the host
     /// (MADV_REMOVE for shared memory, MADV_DONTNEED for private); they read as zero afterwards.
     pub fn discard(&self, ram_offset: u64, len: u64) -> Result<(), RamError> {
-        let (addr, room) = self.host_addr(ram_offset).ok_or(RamError::OutOfRange(ram_offset))?;
+        let (addr, room) = self
+            .host_addr(ram_offset)
+            .ok_or(RamError::OutOfRange(ram_offset))?;
         let len = len.min(room) as usize;
         let (advice, what) = if self.backing.shared {
             (libc::MADV_REMOVE, "REMOVE")
@@ -401,7 +423,10 @@ mod tests {
         let r = ram(Backend::SharedMemfd);
         r.write_u64(4096, 0xdead_beef).unwrap();
         let mut b = [0u8; 8];
-        r.backing_file().unwrap().read_exact_at(&mut b, 4096).unwrap();
+        r.backing_file()
+            .unwrap()
+            .read_exact_at(&mut b, 4096)
+            .unwrap();
         assert_eq!(u64::from_le_bytes(b), 0xdead_beef);
         assert_eq!(r.backing_kind(), BackingKind::SharedShmem);
     }

@@ -42,6 +42,9 @@ pub fn ram_ranges(size: u64) -> Vec<RamRange> {
     out
 }
 
+// KVM's pages must sit in the hole between the RAM ranges.
+const _: () = assert!(KVM_TSS_ADDR >= LOW_RAM_END && KVM_TSS_ADDR + 0x3000 <= HIGH_RAM_START);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,6 +69,5 @@ mod tests {
         assert_eq!(r[1].gpa, 4 << 30);
         assert_eq!(r[1].size, 3 << 30);
         assert_eq!(r[1].ram_offset, 3 << 30);
-        assert!(KVM_TSS_ADDR >= LOW_RAM_END && KVM_TSS_ADDR + 0x3000 <= HIGH_RAM_START);
     }
 }

@@ -42,7 +42,9 @@ pub fn parse_size_default_unit(text: &str, default_unit: u64) -> Result<u64, Siz
     };
     if let Some((int, frac)) = num.split_once('.') {
         // Fractions are allowed with a unit, as in QEMU ("1.5G").
-        let int: u64 = int.parse().map_err(|_| SizeError::TooLarge(text.to_string()))?;
+        let int: u64 = int
+            .parse()
+            .map_err(|_| SizeError::TooLarge(text.to_string()))?;
         let frac_val: f64 = format!("0.{frac}")
             .parse()
             .map_err(|_| SizeError::NotASize(text.to_string()))?;
@@ -54,7 +56,9 @@ pub fn parse_size_default_unit(text: &str, default_unit: u64) -> Result<u64, Siz
             .checked_add(part)
             .ok_or_else(|| SizeError::TooLarge(text.to_string()));
     }
-    let n: u64 = num.parse().map_err(|_| SizeError::TooLarge(text.to_string()))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| SizeError::TooLarge(text.to_string()))?;
     n.checked_mul(unit)
         .ok_or_else(|| SizeError::TooLarge(text.to_string()))
 }
@@ -79,7 +83,10 @@ mod tests {
         assert!(matches!(parse_size(""), Err(SizeError::NotASize(_))));
         assert!(matches!(parse_size("M"), Err(SizeError::NotASize(_))));
         assert!(matches!(parse_size("12Q"), Err(SizeError::BadSuffix(_))));
-        assert!(matches!(parse_size("99999999999T"), Err(SizeError::TooLarge(_))));
+        assert!(matches!(
+            parse_size("99999999999T"),
+            Err(SizeError::TooLarge(_))
+        ));
         assert!(matches!(parse_size("1.2.3G"), Err(SizeError::NotASize(_))));
     }
 }

@@ -123,9 +123,16 @@ impl Vmm {
     /// Starts listening for an incoming migration on `uri`.
     pub fn start_incoming(self: &Arc<Self>, uri: &MigrationUri) -> Result<(), String> {
         self.options.set_incoming(true);
-        let dest = Arc::new(MachineDest::new(self.machine.clone(), self.uuid, self.autostart));
+        let dest = Arc::new(MachineDest::new(
+            self.machine.clone(),
+            self.uuid,
+            self.autostart,
+        ));
         let me = self.clone();
-        let fresh = !matches!(self.machine.config().memory.backend, ram::Backend::File { .. });
+        let fresh = !matches!(
+            self.machine.config().memory.backend,
+            ram::Backend::File { .. }
+        );
         let incoming = Incoming::start(
             uri,
             dest,
@@ -149,8 +156,14 @@ impl Vmm {
         if let Some(port) = incoming.port() {
             eprintln!("ferry: waiting for an incoming migration on port {port}");
         }
-        *self.incoming.lock().map_err(|_| "lock poisoned".to_string())? = Some(incoming);
-        *self.incoming_mode.lock().map_err(|_| "lock poisoned".to_string())? = IncomingMode::Started;
+        *self
+            .incoming
+            .lock()
+            .map_err(|_| "lock poisoned".to_string())? = Some(incoming);
+        *self
+            .incoming_mode
+            .lock()
+            .map_err(|_| "lock poisoned".to_string())? = IncomingMode::Started;
         Ok(())
     }
 }

@@ -81,7 +81,10 @@ pub fn command_table(vmm: &Arc<Vmm>) -> CommandTable {
         // Reply first, as QEMU does, then shut down.
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
-            v2.events.0.emit("SHUTDOWN", Some(json!({"guest": false, "reason": "host-qmp-quit"})));
+            v2.events.0.emit(
+                "SHUTDOWN",
+                Some(json!({"guest": false, "reason": "host-qmp-quit"})),
+            );
             v2.request_exit(0);
         });
         Ok(json!({}))
@@ -120,13 +123,23 @@ pub fn command_table(vmm: &Arc<Vmm>) -> CommandTable {
         let mut a = Args::new(&args);
         let uri = a.req_str("uri").map_err(qapi)?;
         a.finish().map_err(qapi)?;
-        let mode = v.incoming_mode.lock().map(|m| m.clone()).unwrap_or(IncomingMode::None);
+        let mode = v
+            .incoming_mode
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or(IncomingMode::None);
         match mode {
-            IncomingMode::None => Err(QmpError::generic("'-incoming' was not specified on the command line")),
-            IncomingMode::Started => Err(QmpError::generic("The incoming migration has already been started")),
+            IncomingMode::None => Err(QmpError::generic(
+                "'-incoming' was not specified on the command line",
+            )),
+            IncomingMode::Started => Err(QmpError::generic(
+                "The incoming migration has already been started",
+            )),
             IncomingMode::Defer => {
                 let uri: MigrationUri = uri.parse().map_err(generic)?;
-                v.start_incoming(&uri).map(|_| json!({})).map_err(QmpError::generic)
+                v.start_incoming(&uri)
+                    .map(|_| json!({}))
+                    .map_err(QmpError::generic)
             }
         }
     });
@@ -142,10 +155,15 @@ pub fn command_table(vmm: &Arc<Vmm>) -> CommandTable {
     let v = vmm.clone();
     t.register("migrate-continue", move |args| {
         let mut a = Args::new(&args);
-        let state: MigrationStatus = a.req_enum("state", |s| s.parse::<MigrationStatus>().ok()).map_err(qapi)?;
+        let state: MigrationStatus = a
+            .req_enum("state", |s| s.parse::<MigrationStatus>().ok())
+            .map_err(qapi)?;
         a.finish().map_err(qapi)?;
         match outgoing(&v) {
-            Some(o) => o.migrate_continue(state).map(|_| json!({})).map_err(QmpError::generic),
+            Some(o) => o
+                .migrate_continue(state)
+                .map(|_| json!({}))
+                .map_err(QmpError::generic),
             None => Err(QmpError::generic(format!(
                 "Migration not in expected state: {}",
                 MigrationStatus::None.as_str()
@@ -156,7 +174,11 @@ pub fn command_table(vmm: &Arc<Vmm>) -> CommandTable {
     let v = vmm.clone();
     t.register_no_args("query-migrate", move || {
         let src = outgoing(&v).map(|o| o.state()).unwrap_or_default();
-        let dest = v.incoming.lock().ok().and_then(|i| i.as_ref().map(|i| i.state()));
+        let dest = v
+            .incoming
+            .lock()
+            .ok()
+            .and_then(|i| i.as_ref().map(|i| i.state()));
         let info = MigrationInfo::query(&src, dest.as_ref());
         serde_json::to_value(info).map_err(generic)
     });
@@ -186,7 +208,9 @@ pub fn command_table(vmm: &Arc<Vmm>) -> CommandTable {
             .control()
             .ok_or_else(|| QmpError::generic("the guest has not started yet"))?;
         if v.machine.is_running() {
-            return Err(QmpError::generic("stop the guest first: a host-side check needs still memory"));
+            return Err(QmpError::generic(
+                "stop the guest first: a host-side check needs still memory",
+            ));
         }
         let r = c.host_verify().map_err(generic)?;
         Ok(json!({"pages-checked": r.pages_checked, "bad-pages": r.bad_pages}))
@@ -218,7 +242,8 @@ pub fn command_table(vmm: &Arc<Vmm>) -> CommandTable {
             .machine
             .control()
             .ok_or_else(|| QmpError::generic("the guest has not started yet"))?;
-        let ticks = crate::guest::boot::ticks_per_page(rate, v.machine.vcpus().len(), v.machine.tsc_khz());
+        let ticks =
+            crate::guest::boot::ticks_per_page(rate, v.machine.vcpus().len(), v.machine.tsc_khz());
         c.set_ticks_per_page(ticks).map_err(generic)?;
         Ok(json!({}))
     });
@@ -260,7 +285,9 @@ fn migrate(vmm: &Arc<Vmm>, args: &Map<String, Value>) -> Result<Value, QmpError>
     }
     let uri = uri.ok_or_else(|| QmpError::generic("Parameter 'uri' is missing"))?;
     if vmm.machine.run_state() == RunState::InMigrate {
-        return Err(QmpError::generic("Guest is waiting for an incoming migration"));
+        return Err(QmpError::generic(
+            "Guest is waiting for an incoming migration",
+        ));
     }
     if migration_running(vmm) {
         return Err(QmpError::generic(MIGRATION_ACTIVE));
@@ -274,7 +301,9 @@ fn migrate(vmm: &Arc<Vmm>, args: &Map<String, Value>) -> Result<Value, QmpError>
         Arc::new(vmm.events.clone()),
     )
     .map_err(generic)?;
-    *vmm.outgoing.lock().map_err(|_| QmpError::generic("lock poisoned"))? = Some(out);
+    *vmm.outgoing
+        .lock()
+        .map_err(|_| QmpError::generic("lock poisoned"))? = Some(out);
     Ok(json!({}))
 }
 

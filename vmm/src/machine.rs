@@ -16,7 +16,9 @@ use crate::guest::{self, BootError, GuestConfig};
 use crate::kvm::state::{VcpuState, VmState};
 use crate::kvm::vm::{Vm, VmOptions};
 use crate::kvm::{cpuid, vcpu, IoctlContext, KvmError};
-use crate::vcpu_thread::{VcpuContext, VcpuError, VcpuHandle, VcpuStop, VcpuTicker, THROTTLE_TIMESLICE};
+use crate::vcpu_thread::{
+    VcpuContext, VcpuError, VcpuHandle, VcpuStop, VcpuTicker, THROTTLE_TIMESLICE,
+};
 
 /// Something that publishes machine events (QMP events such as STOP and RESUME).
 pub trait EventSink: Send + Sync {
@@ -145,7 +147,11 @@ struct Throttle {
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Machine {
-    fn build(config: MachineConfig, events: Arc<dyn EventSink>, incoming: bool) -> Result<Self, MachineError> {
+    fn build(
+        config: MachineConfig,
+        events: Arc<dyn EventSink>,
+        incoming: bool,
+    ) -> Result<Self, MachineError> {
         if config.vcpus == 0 || config.vcpus > crate::guest::layout::MAX_VCPUS {
             return Err(MachineError::Config(format!(
                 "--vcpus must be between 1 and {}",
@@ -161,7 +167,9 @@ impl Machine {
                 config.vcpus
             )));
         }
-        let serial = Arc::new(Mutex::new(Serial::new(&config.serial).map_err(MachineError::Serial)?));
+        let serial = Arc::new(Mutex::new(
+            Serial::new(&config.serial).map_err(MachineError::Serial)?,
+        ));
         let control: Arc<OnceLock<Arc<GuestControl>>> = Arc::new(OnceLock::new());
         let template = cpuid::supported(vm.kvm())?;
         let msr_list = vcpu::saved_msr_list(vm.kvm())?;
@@ -184,7 +192,7 @@ impl Machine {
                 banner: format!(
                     "Ferry test guest: {} vCPU(s), working set {} MiB, {} pages/s\r\n",
                     config.vcpus,
-                    ws_pages * 4096 >> 20,
+                    (ws_pages * 4096) >> 20,
                     config.workload.rate
                 ),
             };
@@ -222,7 +230,10 @@ impl Machine {
                 tsc_khz,
                 on_stop: Box::new(move |why: &VcpuStop| {
                     eprintln!("ferry: {why}");
-                    ev.emit("GUEST_PANICKED", serde_json::json!({"action": "pause", "reason": why.to_string()}));
+                    ev.emit(
+                        "GUEST_PANICKED",
+                        serde_json::json!({"action": "pause", "reason": why.to_string()}),
+                    );
                 }),
             });
             vcpus.push(VcpuHandle::spawn(i, fd, ctx, true).map_err(MachineError::Thread)?);
@@ -234,7 +245,11 @@ impl Machine {
             vcpus,
             serial,
             control,
-            state: Mutex::new(if incoming { RunState::InMigrate } else { RunState::Paused }),
+            state: Mutex::new(if incoming {
+                RunState::InMigrate
+            } else {
+                RunState::Paused
+            }),
             events,
             tsc_khz,
             throttle,
@@ -253,7 +268,10 @@ impl Machine {
     }
 
     /// Builds a machine that waits, paused, for its state to arrive (incoming migration).
-    pub fn incoming(config: MachineConfig, events: Arc<dyn EventSink>) -> Result<Self, MachineError> {
+    pub fn incoming(
+        config: MachineConfig,
+        events: Arc<dyn EventSink>,
+    ) -> Result<Self, MachineError> {
         Self::build(config, events, true)
     }
 
@@ -276,7 +294,10 @@ impl Machine {
 
     /// Current run state.
     pub fn run_state(&self) -> RunState {
-        self.state.lock().map(|s| *s).unwrap_or(RunState::InternalError)
+        self.state
+            .lock()
+            .map(|s| *s)
+            .unwrap_or(RunState::InternalError)
     }
 
     /// Whether the vCPUs are running.
@@ -311,7 +332,10 @@ impl Machine {
 
     /// Recent serial output.
     pub fn serial_tail(&self) -> Vec<u8> {
-        self.serial.lock().map(|s| s.output_tail()).unwrap_or_default()
+        self.serial
+            .lock()
+            .map(|s| s.output_tail())
+            .unwrap_or_default()
     }
 
     /// The vCPU handles.
@@ -355,7 +379,8 @@ impl Machine {
         self.resume_vcpus();
         self.set_state(RunState::Running);
         if was != RunState::Running {
-            self.events.emit("RESUME", Value::Object(Default::default()));
+            self.events
+                .emit("RESUME", Value::Object(Default::default()));
         }
         Ok(())
     }
@@ -396,7 +421,10 @@ impl Machine {
         }
         for (v, s) in self.vcpus.iter().zip(states) {
             if s.id as usize != v.id() {
-                return Err(MachineError::State(format!("vCPU state {} out of order", s.id)));
+                return Err(MachineError::State(format!(
+                    "vCPU state {} out of order",
+                    s.id
+                )));
             }
             v.restore_state(s)?;
         }
@@ -442,7 +470,8 @@ impl Machine {
                 self.vcpus.len()
             )));
         }
-        let c = GuestControl::new(self.ram.clone(), layout).map_err(|e| MachineError::State(e.to_string()))?;
+        let c = GuestControl::new(self.ram.clone(), layout)
+            .map_err(|e| MachineError::State(e.to_string()))?;
         let _ = self.control.set(Arc::new(c));
         Ok(())
     }
@@ -498,7 +527,11 @@ impl Workload {
                         .parse()
                         .map_err(|_| format!("rate: '{v}' is not a number of pages per second"))?;
                 }
-                _ => return Err(format!("unknown workload option '{k}' (known: working-set, rate)")),
+                _ => {
+                    return Err(format!(
+                        "unknown workload option '{k}' (known: working-set, rate)"
+                    ))
+                }
             }
         }
         Ok(w)

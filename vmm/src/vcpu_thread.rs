@@ -115,7 +115,12 @@ pub struct VcpuHandle {
 
 impl VcpuHandle {
     /// Starts the thread for vCPU `id`; it begins paused when `start_paused`.
-    pub fn spawn(id: usize, fd: VcpuFd, ctx: Arc<VcpuContext>, start_paused: bool) -> std::io::Result<Self> {
+    pub fn spawn(
+        id: usize,
+        fd: VcpuFd,
+        ctx: Arc<VcpuContext>,
+        start_paused: bool,
+    ) -> std::io::Result<Self> {
         kick::install_handler();
         let shared = Arc::new(Shared {
             id,
@@ -230,7 +235,9 @@ impl VcpuHandle {
 
     /// Sets the throttle percentage (0 = off, else 1..=99).
     pub fn set_throttle(&self, pct: u8) {
-        self.shared.throttle_pct.store(pct.min(99), Ordering::Release);
+        self.shared
+            .throttle_pct
+            .store(pct.min(99), Ordering::Release);
     }
 
     /// A handle the throttle timer uses to make this vCPU sleep its share.

@@ -47,8 +47,8 @@ pub fn save_state(m: &Machine, running: bool) -> Result<Vec<u8>, String> {
 
 /// Restores state saved by [`save_state`]; returns whether the guest was running.
 pub fn load_state(m: &Machine, bytes: &[u8]) -> Result<bool, String> {
-    let s: SavedState =
-        serde_json::from_slice(bytes).map_err(|e| format!("invalid VM state in the stream: {e}"))?;
+    let s: SavedState = serde_json::from_slice(bytes)
+        .map_err(|e| format!("invalid VM state in the stream: {e}"))?;
     if s.version != SAVED_STATE_VERSION {
         return Err(format!("VM state version {} is not supported", s.version));
     }
@@ -96,7 +96,8 @@ impl SourceVm for MachineSource {
         self.machine.is_running()
     }
     fn stop_vcpus(&self) -> Result<(), String> {
-        self.was_running.store(self.machine.is_running(), Ordering::Release);
+        self.was_running
+            .store(self.machine.is_running(), Ordering::Release);
         self.machine
             .pause(RunState::FinishMigrate)
             .map_err(|e| e.to_string())

@@ -79,7 +79,9 @@ impl<'a> RamLoader<'a> {
             match rec? {
                 RamRecord::Page { offset, data } => {
                     let page = offset >> PAGE_SHIFT;
-                    self.ram.write_page(page, data).map_err(|e| MigrationError::Vm(e.to_string()))?;
+                    self.ram
+                        .write_page(page, data)
+                        .map_err(|e| MigrationError::Vm(e.to_string()))?;
                     self.received.set(page);
                     self.pages += 1;
                 }
@@ -88,7 +90,9 @@ impl<'a> RamLoader<'a> {
                     for page in first..first + u64::from(count) {
                         let untouched = self.fresh && !self.received.get(page);
                         if !untouched && !self.ram.page(page).is_some_and(is_zero_page) {
-                            self.ram.zero_page(page).map_err(|e| MigrationError::Vm(e.to_string()))?;
+                            self.ram
+                                .zero_page(page)
+                                .map_err(|e| MigrationError::Vm(e.to_string()))?;
                         }
                         self.received.set(page);
                     }
@@ -148,7 +152,8 @@ pub fn load_stream<R: Read>(
             }
             FrameKind::End => {
                 return state.ok_or_else(|| {
-                    StreamError::Invalid("the stream ended without vCPU and device state".into()).into()
+                    StreamError::Invalid("the stream ended without vCPU and device state".into())
+                        .into()
                 });
             }
         }

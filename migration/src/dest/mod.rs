@@ -34,7 +34,8 @@ impl DestShared {
             st.0 = s;
         }
         if self.options.caps().get(Capability::Events) {
-            self.events.emit("MIGRATION", json!({ "status": s.as_str() }));
+            self.events
+                .emit("MIGRATION", json!({ "status": s.as_str() }));
         }
     }
 
@@ -138,7 +139,11 @@ impl Incoming {
 
     /// Current status.
     pub fn status(&self) -> MigrationStatus {
-        self.shared.status.lock().map(|s| s.0).unwrap_or(MigrationStatus::Failed)
+        self.shared
+            .status
+            .lock()
+            .map(|s| s.0)
+            .unwrap_or(MigrationStatus::Failed)
     }
 
     /// What query-migrate reports for the incoming side.
@@ -167,17 +172,22 @@ impl Incoming {
     }
 }
 
-fn receive(shared: &DestShared, listener: &Listener, vm: &dyn DestVm, fresh_ram: bool) -> Result<()> {
+fn receive(
+    shared: &DestShared,
+    listener: &Listener,
+    vm: &dyn DestVm,
+    fresh_ram: bool,
+) -> Result<()> {
     let ch = listener.accept()?;
     shared.set_status(MigrationStatus::Active);
-    let mut reply_ch = if ch.is_bidirectional() {
-        Some(
-            ch.try_clone()
-                .map_err(|e| MigrationError::Vm(format!("cannot clone the migration socket: {e}")))?,
-        )
-    } else {
-        None
-    };
+    let mut reply_ch =
+        if ch.is_bidirectional() {
+            Some(ch.try_clone().map_err(|e| {
+                MigrationError::Vm(format!("cannot clone the migration socket: {e}"))
+            })?)
+        } else {
+            None
+        };
     let result = load(shared, ch, reply_ch.as_mut(), vm, fresh_ram);
     if let (Err(e), Some(rc)) = (&result, reply_ch.as_mut()) {
         // Tell the source why, so its error says more than "connection reset".

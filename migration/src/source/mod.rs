@@ -124,7 +124,9 @@ impl Shared {
             .store(expected_downtime_ms, Ordering::Relaxed);
         self.live.mbps_bits.store(mbps.to_bits(), Ordering::Relaxed);
         self.live.pages_per_second.store(pps, Ordering::Relaxed);
-        self.live.remaining_bytes.store(remaining, Ordering::Relaxed);
+        self.live
+            .remaining_bytes
+            .store(remaining, Ordering::Relaxed);
     }
 
     pub(crate) fn set_throttle(&self, pct: u8) {
@@ -253,7 +255,13 @@ impl Outgoing {
         self.shared.cancel.store(true, Ordering::Release);
         self.shared.limiter.cancel();
         self.shared.set_status(MigrationStatus::Cancelling);
-        if let Some(ch) = self.shared.channel.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some(ch) = self
+            .shared
+            .channel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             ch.shutdown();
         }
         self.shared.status_cond.notify_all();
@@ -268,7 +276,9 @@ impl Outgoing {
                 current.as_str()
             ));
         }
-        self.shared.continue_requested.store(true, Ordering::Release);
+        self.shared
+            .continue_requested
+            .store(true, Ordering::Release);
         self.shared.status_cond.notify_all();
         Ok(())
     }

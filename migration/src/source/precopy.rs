@@ -63,7 +63,12 @@ pub(super) fn run(shared: Arc<Shared>, uri: MigrationUri) {
             }
         }
     }
-    if let Some(ch) = shared.channel.lock().unwrap_or_else(|p| p.into_inner()).take() {
+    if let Some(ch) = shared
+        .channel
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
         ch.shutdown();
     }
     shared.options.set_running(false);
@@ -104,7 +109,9 @@ struct ReplyState {
 impl ReplyState {
     /// Drains pending replies; a FAILED reply becomes an error.
     fn poll(&mut self) -> Result<()> {
-        let Some(rx) = self.rx.clone() else { return Ok(()) };
+        let Some(rx) = self.rx.clone() else {
+            return Ok(());
+        };
         while let Ok(r) = rx.try_recv() {
             self.handle(r)?;
         }
@@ -158,7 +165,9 @@ impl ReplyState {
                 Ok(Err(e)) => return Err(MigrationError::DestinationLost(e)),
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(MigrationError::DestinationLost(
-                        self.closed.clone().unwrap_or_else(|| "connection closed".into()),
+                        self.closed
+                            .clone()
+                            .unwrap_or_else(|| "connection closed".into()),
                     ))
                 }
                 Err(RecvTimeoutError::Timeout) => {
@@ -240,9 +249,11 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
         .write_all(&header.encode())
         .map_err(|e| replies.explain(crate::stream::StreamError::from(e).into()))?;
     out.count_extra(HEADER_LEN as u64);
-    shared
-        .counters
-        .add_sent(crate::info::Channel::Main, Phase::Precopy, HEADER_LEN as u64);
+    shared.counters.add_sent(
+        crate::info::Channel::Main,
+        Phase::Precopy,
+        HEADER_LEN as u64,
+    );
 
     let tracker = shared.vm.dirty_tracker();
     tracker.start().map_err(MigrationError::Vm)?;
@@ -260,7 +271,10 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
     };
     let mut estimator = BandwidthEstimator::new(&progress(shared, ram.size()), &limits(shared));
     let mut periods = DirtyPeriodTracker::new(PAGE_SIZE as u64);
-    periods.reset(t0.elapsed().as_millis() as u64, shared.counters.transferred());
+    periods.reset(
+        t0.elapsed().as_millis() as u64,
+        shared.counters.transferred(),
+    );
     let mut auto = AutoConverge::new();
     let mut pending_bytes = ram.size();
     let mut prev_pending = u64::MAX;
@@ -311,8 +325,11 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
             transferred_bytes: shared.counters.transferred(),
         };
         if let Some(period) = periods.on_sync(&report) {
-            shared.counters.set_dirty_pages_rate(period.dirty_pages_rate);
-            if let Some(pct) = auto.on_period(&period, &throttle_params(shared), shared.throttle()) {
+            shared
+                .counters
+                .set_dirty_pages_rate(period.dirty_pages_rate);
+            if let Some(pct) = auto.on_period(&period, &throttle_params(shared), shared.throttle())
+            {
                 shared.set_throttle(pct);
             }
         }
@@ -376,7 +393,9 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
             &shared.cancel,
             Phase::Downtime,
         );
-        sender.send_bitmap(&bitmap, |_| Ok(())).map_err(|e| replies.explain(e))?;
+        sender
+            .send_bitmap(&bitmap, |_| Ok(()))
+            .map_err(|e| replies.explain(e))?;
     }
     tracker.stop();
     let state = shared.vm.save_state().map_err(MigrationError::Vm)?;
@@ -401,7 +420,8 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
             .write_to(out.get_mut())
             .map_err(|e| MigrationError::DestinationLost(format!("sending COMMIT: {e}")))?;
     } else if let Channel::File(f) = out.get_mut() {
-        f.sync_data().map_err(|e| MigrationError::Vm(format!("syncing the migration file: {e}")))?;
+        f.sync_data()
+            .map_err(|e| MigrationError::Vm(format!("syncing the migration file: {e}")))?;
     }
     shared.set_downtime(stop_at.elapsed().as_millis() as u64);
     Ok(())

@@ -62,8 +62,10 @@ impl<'a, W: Write> RamSender<'a, W> {
 
     fn flush_zero_run(&mut self) -> Result<()> {
         if let Some((first, count)) = self.zero_run.take() {
-            self.out
-                .ram_record(word(first << PAGE_SHIFT, FLAG_ZERO), &[&count.to_le_bytes()])?;
+            self.out.ram_record(
+                word(first << PAGE_SHIFT, FLAG_ZERO),
+                &[&count.to_le_bytes()],
+            )?;
             self.counters.add_zero_pages(u64::from(count));
         }
         Ok(())
@@ -87,7 +89,8 @@ impl<'a, W: Write> RamSender<'a, W> {
             }
         } else {
             self.flush_zero_run()?;
-            self.out.ram_record(word(page << PAGE_SHIFT, FLAG_PAGE), &[bytes])?;
+            self.out
+                .ram_record(word(page << PAGE_SHIFT, FLAG_PAGE), &[bytes])?;
             self.counters.add_normal_pages(1);
         }
         self.account()
@@ -113,7 +116,7 @@ impl<'a, W: Write> RamSender<'a, W> {
                     return Err(e);
                 }
                 sent += 1;
-                if sent % 1024 == 0 {
+                if sent.is_multiple_of(1024) {
                     between(self.counters)?;
                 }
             }

@@ -84,7 +84,8 @@ impl<W: Write> FrameWriter<W> {
         if self.open != Some(kind) {
             self.finish()?;
             self.buf.clear();
-            self.buf.extend_from_slice(&[kind as u8, 0, 0, 0, 0, 0, 0, 0]);
+            self.buf
+                .extend_from_slice(&[kind as u8, 0, 0, 0, 0, 0, 0, 0]);
             self.open = Some(kind);
         }
         Ok(())
@@ -226,7 +227,9 @@ impl<R: Read> FrameReader<R> {
         let kind = FrameKind::from_u8(head[0])
             .ok_or_else(|| StreamError::Invalid(format!("unknown frame type {}", head[0])))?;
         if head[1] != 0 || head[2] != 0 || head[3] != 0 {
-            return Err(StreamError::Invalid("reserved frame header bits set".into()));
+            return Err(StreamError::Invalid(
+                "reserved frame header bits set".into(),
+            ));
         }
         self.read += (FRAME_HEADER_LEN + len + FRAME_TRAILER_LEN) as u64;
         Ok((kind, &self.buf[..len]))
@@ -285,7 +288,10 @@ mod tests {
         for cut in [1, 7, 8, 100, s.len() - 1] {
             let mut r = FrameReader::new(&s[..cut]);
             let res = (0..3).try_for_each(|_| r.next_frame().map(|_| ()));
-            assert!(matches!(res, Err(StreamError::Truncated(_))), "cut at {cut}");
+            assert!(
+                matches!(res, Err(StreamError::Truncated(_))),
+                "cut at {cut}"
+            );
         }
     }
 

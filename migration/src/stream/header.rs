@@ -98,9 +98,12 @@ impl Header {
             multifd_compression: u32_at(52),
         };
         if h.page_size != 4096 {
-            return Err(StreamError::Invalid(format!("page size {} (expected 4096)", h.page_size)));
+            return Err(StreamError::Invalid(format!(
+                "page size {} (expected 4096)",
+                h.page_size
+            )));
         }
-        if h.ram_size == 0 || h.ram_size % 4096 != 0 {
+        if h.ram_size == 0 || !h.ram_size.is_multiple_of(4096) {
             return Err(StreamError::Invalid(format!("RAM size {}", h.ram_size)));
         }
         if h.vcpus == 0 || h.vcpus > 1024 {
@@ -167,7 +170,10 @@ mod tests {
             for bit in 0..8 {
                 let mut b = good;
                 b[byte] ^= 1 << bit;
-                assert!(Header::decode(&b).is_err(), "byte {byte} bit {bit} accepted");
+                assert!(
+                    Header::decode(&b).is_err(),
+                    "byte {byte} bit {bit} accepted"
+                );
             }
         }
     }
@@ -179,10 +185,16 @@ mod tests {
         assert!(matches!(Header::decode(&b), Err(StreamError::BadMagic)));
         let mut h = sample();
         h.version = 9;
-        assert!(matches!(Header::decode(&h.encode()), Err(StreamError::BadVersion(9))));
+        assert!(matches!(
+            Header::decode(&h.encode()),
+            Err(StreamError::BadVersion(9))
+        ));
         let mut h = sample();
         h.page_size = 8192;
-        assert!(matches!(Header::decode(&h.encode()), Err(StreamError::Invalid(_))));
+        assert!(matches!(
+            Header::decode(&h.encode()),
+            Err(StreamError::Invalid(_))
+        ));
         let mut h = sample();
         h.vcpus = 0;
         assert!(Header::decode(&h.encode()).is_err());
@@ -192,6 +204,9 @@ mod tests {
     fn truncated_header_is_reported() {
         let b = sample().encode();
         let mut r = &b[..30];
-        assert!(matches!(Header::read_from(&mut r), Err(StreamError::Truncated(_))));
+        assert!(matches!(
+            Header::read_from(&mut r),
+            Err(StreamError::Truncated(_))
+        ));
     }
 }

@@ -67,7 +67,9 @@ pub enum StreamError {
     #[error("not a Ferry migration stream (bad magic)")]
     BadMagic,
     /// A version this Ferry cannot read.
-    #[error("unsupported migration stream version {0} (this Ferry reads version {STREAM_VERSION})")]
+    #[error(
+        "unsupported migration stream version {0} (this Ferry reads version {STREAM_VERSION})"
+    )]
     BadVersion(u32),
     /// A checksum did not match: the data was corrupted.
     #[error("migration stream corrupted: checksum mismatch in {0}")]

@@ -79,7 +79,9 @@ impl Reply {
             K_FAILED => Ok(Reply::Failed(String::from_utf8_lossy(payload).into_owned())),
             K_SWITCHOVER_ACK if len == 0 => Ok(Reply::SwitchoverAck),
             K_COMMIT if len == 0 => Ok(Reply::Commit),
-            k => Err(StreamError::Invalid(format!("unknown reply message {k:#x}"))),
+            k => Err(StreamError::Invalid(format!(
+                "unknown reply message {k:#x}"
+            ))),
         }
     }
 }

@@ -37,11 +37,15 @@ impl MigrationUri {
 impl fmt::Display for MigrationUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            MigrationUri::Tcp { host, port } if host.contains(':') => write!(f, "tcp:[{host}]:{port}"),
+            MigrationUri::Tcp { host, port } if host.contains(':') => {
+                write!(f, "tcp:[{host}]:{port}")
+            }
             MigrationUri::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
             MigrationUri::Unix(p) => write!(f, "unix:{}", p.display()),
             MigrationUri::File { path, offset: 0 } => write!(f, "file:{}", path.display()),
-            MigrationUri::File { path, offset } => write!(f, "file:{},offset={offset}", path.display()),
+            MigrationUri::File { path, offset } => {
+                write!(f, "file:{},offset={offset}", path.display())
+            }
         }
     }
 }
@@ -59,16 +63,22 @@ impl FromStr for MigrationUri {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if let Some(rest) = s.strip_prefix("tcp:") {
             let (host, port) = if let Some(r) = rest.strip_prefix('[') {
-                let (h, p) = r.split_once("]:").ok_or_else(|| bad(s, "expected tcp:[ADDR]:PORT"))?;
+                let (h, p) = r
+                    .split_once("]:")
+                    .ok_or_else(|| bad(s, "expected tcp:[ADDR]:PORT"))?;
                 (h.to_string(), p)
             } else {
-                let (h, p) = rest.rsplit_once(':').ok_or_else(|| bad(s, "expected tcp:HOST:PORT"))?;
+                let (h, p) = rest
+                    .rsplit_once(':')
+                    .ok_or_else(|| bad(s, "expected tcp:HOST:PORT"))?;
                 (h.to_string(), p)
             };
             if host.is_empty() {
                 return Err(bad(s, "empty host"));
             }
-            let port: u16 = port.parse().map_err(|_| bad(s, "the port must be a number 0-65535"))?;
+            let port: u16 = port
+                .parse()
+                .map_err(|_| bad(s, "the port must be a number 0-65535"))?;
             return Ok(MigrationUri::Tcp { host, port });
         }
         if let Some(path) = s.strip_prefix("unix:") {
@@ -128,7 +138,13 @@ mod tests {
                 offset: 4096
             }
         );
-        for u in ["tcp:1.2.3.4:4444", "tcp:[::1]:5", "unix:/a", "file:/b", "file:/b,offset=12"] {
+        for u in [
+            "tcp:1.2.3.4:4444",
+            "tcp:[::1]:5",
+            "unix:/a",
+            "file:/b",
+            "file:/b,offset=12",
+        ] {
             assert_eq!(u.parse::<MigrationUri>().unwrap().to_string(), u);
         }
     }
@@ -137,8 +153,21 @@ mod tests {
     fn rejects_bad_uris_with_qemus_message() {
         let e = "rdma:1.2.3.4:5".parse::<MigrationUri>().unwrap_err();
         assert_eq!(e.to_string(), "unknown migration protocol: rdma:1.2.3.4:5");
-        for u in ["tcp:host", "tcp::5", "tcp:h:99999", "unix:", "file:", "file:/x,offset=zz"] {
-            assert!(matches!(u.parse::<MigrationUri>(), Err(TransportError::BadUri { .. })), "{u}");
+        for u in [
+            "tcp:host",
+            "tcp::5",
+            "tcp:h:99999",
+            "unix:",
+            "file:",
+            "file:/x,offset=zz",
+        ] {
+            assert!(
+                matches!(
+                    u.parse::<MigrationUri>(),
+                    Err(TransportError::BadUri { .. })
+                ),
+                "{u}"
+            );
         }
     }
 }

@@ -92,7 +92,9 @@ fn probe_kvm() -> KvmReport {
 }
 
 fn read_trim(path: &str) -> Option<String> {
-    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 fn write_tracking_for(spec: &str) -> (String, WriteTrackingReport) {
@@ -140,44 +142,81 @@ pub fn run(a: ProbeArgs) -> i32 {
             })).collect::<Vec<_>>(),
             "live-migration-ready": ok,
         });
-        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
     } else {
         println!("KVM");
-        println!("  /dev/kvm                     {}", if kvm.available { "yes" } else { "NO" });
+        println!(
+            "  /dev/kvm                     {}",
+            if kvm.available { "yes" } else { "NO" }
+        );
         if let Some(e) = &kvm.error {
             println!("  error                        {e}");
         }
-        println!("  API version                  {}", kvm.api_version.map_or("-".into(), |v| v.to_string()));
+        println!(
+            "  API version                  {}",
+            kvm.api_version.map_or("-".into(), |v| v.to_string())
+        );
         println!("  user memory                  {}", kvm.user_memory);
         println!("  dirty log                    {}", kvm.dirty_log);
-        println!("  manual dirty-log protect     {:#x}", kvm.manual_dirty_log_protect);
-        println!("  dirty ring (max bytes)       {}", kvm.dirty_ring_max_bytes);
-        println!("  dirty ring acq/rel (bytes)   {}", kvm.dirty_ring_acq_rel_max_bytes);
+        println!(
+            "  manual dirty-log protect     {:#x}",
+            kvm.manual_dirty_log_protect
+        );
+        println!(
+            "  dirty ring (max bytes)       {}",
+            kvm.dirty_ring_max_bytes
+        );
+        println!(
+            "  dirty ring acq/rel (bytes)   {}",
+            kvm.dirty_ring_acq_rel_max_bytes
+        );
         println!("  in-kernel irqchip            {}", kvm.irqchip);
-        println!("  vCPUs recommended / max      {} / {}", kvm.nr_vcpus, kvm.max_vcpus);
+        println!(
+            "  vCPUs recommended / max      {} / {}",
+            kvm.nr_vcpus, kvm.max_vcpus
+        );
         println!("  TSC control                  {}", kvm.tsc_control);
         println!("  immediate exit               {}", kvm.immediate_exit);
         println!("userfaultfd");
-        println!("  syscall                      {}", if uffd.syscall { "yes" } else { "no" });
+        println!(
+            "  syscall                      {}",
+            if uffd.syscall { "yes" } else { "no" }
+        );
         println!("  /dev/userfaultfd             {}", uffd.dev_userfaultfd);
         println!(
             "  vm.unprivileged_userfaultfd  {}",
-            uffd.unprivileged_userfaultfd.map_or("-".into(), |v| (v as u8).to_string())
+            uffd.unprivileged_userfaultfd
+                .map_or("-".into(), |v| (v as u8).to_string())
         );
-        println!("  features                     {}", uffd.feature_names.join(" "));
+        println!(
+            "  features                     {}",
+            uffd.feature_names.join(" ")
+        );
         if let Some(e) = &uffd.error {
             println!("  error                        {e}");
         }
         println!("memory");
-        println!("  transparent huge pages       {}", thp.as_deref().unwrap_or("-"));
-        println!("  hugetlb pages reserved       {}", hugetlb_free.as_deref().unwrap_or("-"));
+        println!(
+            "  transparent huge pages       {}",
+            thp.as_deref().unwrap_or("-")
+        );
+        println!(
+            "  hugetlb pages reserved       {}",
+            hugetlb_free.as_deref().unwrap_or("-")
+        );
         println!("write tracking (background-snapshot)");
         for (name, r) in &tracking {
             println!(
                 "  {:<28} {:?}{}",
                 name,
                 r.support,
-                r.reason.as_ref().map(|x| format!(" ({x})")).unwrap_or_default()
+                r.reason
+                    .as_ref()
+                    .map(|x| format!(" ({x})"))
+                    .unwrap_or_default()
             );
         }
         println!("live migration ready: {}", if ok { "yes" } else { "NO" });

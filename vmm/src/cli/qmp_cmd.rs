@@ -46,7 +46,11 @@ pub fn run(a: QmpArgs) -> i32 {
         }
     };
     client.set_timeout(Duration::from_secs(a.timeout));
-    let args = if args.is_empty() { None } else { Some(Value::Object(args)) };
+    let args = if args.is_empty() {
+        None
+    } else {
+        Some(Value::Object(args))
+    };
     match client.execute(&a.command, args) {
         Ok(v) => {
             println!("{}", to_qemu_json(&v));

@@ -66,13 +66,20 @@ impl DirtyTracker for KvmDirtyLog {
     fn sync(&self, bitmap: &AtomicBitmap) -> Result<u64, String> {
         let t0 = Instant::now();
         let manual = self.vm.dirty_caps().manual_protect;
-        let mut bufs = self.bufs.lock().map_err(|_| "dirty log lock poisoned".to_string())?;
+        let mut bufs = self
+            .bufs
+            .lock()
+            .map_err(|_| "dirty log lock poisoned".to_string())?;
         let mut new = 0u64;
         for (slot, buf) in self.vm.slots().iter().zip(bufs.iter_mut()) {
             buf.fill(0);
-            self.vm.get_dirty_log(slot, buf).map_err(|e| e.to_string())?;
+            self.vm
+                .get_dirty_log(slot, buf)
+                .map_err(|e| e.to_string())?;
             if manual && buf.iter().any(|&w| w != 0) {
-                self.vm.clear_dirty_log(slot, 0, buf).map_err(|e| e.to_string())?;
+                self.vm
+                    .clear_dirty_log(slot, 0, buf)
+                    .map_err(|e| e.to_string())?;
             }
             // Slot RAM offsets are 2 MiB aligned, so slot words line up with bitmap words.
             let base = (slot.ram_offset / 4096 / 64) as usize;

@@ -128,7 +128,10 @@ fn write_page_tables(ram: &GuestRam, ws_pages: u64) -> Result<(), BootError> {
     ram.write_u64(PDPT_ID_GPA, PD_ID_GPA | P | RW | US)?;
     ram.write_u64(PD_ID_GPA, P | RW | US | PS)?; // first 2 MiB, identity
     for gib in 0..chunks.div_ceil(512) {
-        ram.write_u64(PDPT_WS_GPA + 8 * gib, (PD_WS_GPA + 4096 * gib) | P | RW | US)?;
+        ram.write_u64(
+            PDPT_WS_GPA + 8 * gib,
+            (PD_WS_GPA + 4096 * gib) | P | RW | US,
+        )?;
     }
     let mut pd = vec![0u8; (chunks * 8) as usize];
     for c in 0..chunks {
@@ -136,7 +139,8 @@ fn write_page_tables(ram: &GuestRam, ws_pages: u64) -> Result<(), BootError> {
         let gpa = ram
             .offset_to_gpa(offset)
             .ok_or_else(|| BootError::Layout(format!("working set chunk {c} is beyond RAM")))?;
-        pd[(c * 8) as usize..(c * 8 + 8) as usize].copy_from_slice(&(gpa | P | RW | US | PS).to_le_bytes());
+        pd[(c * 8) as usize..(c * 8 + 8) as usize]
+            .copy_from_slice(&(gpa | P | RW | US | PS).to_le_bytes());
     }
     ram.write_gpa(PD_WS_GPA, &pd)?;
     Ok(())
@@ -154,9 +158,9 @@ pub fn load_guest(ram: &Arc<GuestRam>, cfg: &GuestConfig) -> Result<GuestControl
     if cfg.ws_pages > max {
         return Err(BootError::Layout(format!(
             "working set of {} MiB does not fit in {} MiB of guest memory (at most {} MiB)",
-            cfg.ws_pages * 4096 >> 20,
+            (cfg.ws_pages * 4096) >> 20,
             ram.size() >> 20,
-            max * 4096 >> 20
+            (max * 4096) >> 20
         )));
     }
     write_gdt(ram)?;
@@ -164,7 +168,10 @@ pub fn load_guest(ram: &Arc<GuestRam>, cfg: &GuestConfig) -> Result<GuestControl
     write_page_tables(ram, cfg.ws_pages)?;
     let code = program::assemble(CODE_GPA).map_err(|e| BootError::Assemble(e.to_string()))?;
     if code.len() as u64 > CODE_MAX {
-        return Err(BootError::Assemble(format!("program is {} bytes", code.len())));
+        return Err(BootError::Assemble(format!(
+            "program is {} bytes",
+            code.len()
+        )));
     }
     ram.write_gpa(CODE_GPA, &code)?;
     let banner = cfg.banner.as_bytes();
@@ -172,12 +179,7 @@ pub fn load_guest(ram: &Arc<GuestRam>, cfg: &GuestConfig) -> Result<GuestControl
     ram.write_gpa(BANNER_GPA, &banner[..banner_len])?;
 
     let control = GuestControl::new(ram.clone(), workload_layout(cfg))?;
-    let per_vcpu_rate = cfg.rate.div_ceil(cfg.vcpus as u64);
-    let ticks_per_page = if per_vcpu_rate == 0 {
-        0
-    } else {
-        (cfg.tsc_khz * 1000 / per_vcpu_rate).max(1)
-    };
+    let ticks_per_page = ticks_per_page(cfg.rate, cfg.vcpus, cfg.tsc_khz);
     let max_skew = cfg.tsc_khz; // 1 ms: throttling must not be undone by catch-up bursts
     let sleep_min = cfg.tsc_khz / 20; // 50 us: shorter waits spin
     control.init_mailboxes(
@@ -192,9 +194,5 @@ pub fn load_guest(ram: &Arc<GuestRam>, cfg: &GuestConfig) -> Result<GuestControl
 /// TSC ticks between two page writes of one vCPU for a whole-guest rate.
 pub fn ticks_per_page(rate: u64, vcpus: usize, tsc_khz: u64) -> u64 {
     let per = rate.div_ceil(vcpus.max(1) as u64);
-    if per == 0 {
-        0
-    } else {
-        (tsc_khz * 1000 / per).max(1)
-    }
+    (tsc_khz * 1000).checked_div(per).map_or(0, |t| t.max(1))
 }

@@ -44,7 +44,8 @@ pub fn setup_boot(fd: &VcpuFd, cpuid: &CpuId, entry: u64, rsp: u64, rdi: u64) ->
     let mut sregs = fd.get_sregs().ctx("KVM_GET_SREGS")?;
     regs::long_mode_cpl3(&mut sregs);
     fd.set_sregs(&sregs).ctx("KVM_SET_SREGS")?;
-    fd.set_regs(&regs::entry_regs(entry, rsp, rdi)).ctx("KVM_SET_REGS")?;
+    fd.set_regs(&regs::entry_regs(entry, rsp, rdi))
+        .ctx("KVM_SET_REGS")?;
     // With the in-kernel LAPIC, vCPUs other than 0 start waiting for a SIPI: make all runnable.
     fd.set_mp_state(kvm_mp_state {
         mp_state: KVM_MP_STATE_RUNNABLE,
@@ -62,7 +63,8 @@ pub fn save(fd: &VcpuFd, id: u32, msr_list: &[u32], irqchip: bool) -> Result<Vcp
             ..Default::default()
         })
         .collect();
-    let mut msrs = Msrs::from_entries(&entries).map_err(|e| KvmError::BadState(format!("{e:?}")))?;
+    let mut msrs =
+        Msrs::from_entries(&entries).map_err(|e| KvmError::BadState(format!("{e:?}")))?;
     let n = fd.get_msrs(&mut msrs).ctx("KVM_GET_MSRS")?;
     if n != entries.len() {
         return Err(KvmError::BadState(format!(
@@ -103,7 +105,8 @@ pub fn restore(fd: &VcpuFd, cpuid: &CpuId, state: &VcpuState, irqchip: bool) -> 
     // extended components beyond 4 KiB were requested), so KVM reads only that struct.
     unsafe { fd.set_xsave(&state.xsave) }.ctx("KVM_SET_XSAVE")?;
     fd.set_xcrs(&state.xcrs).ctx("KVM_SET_XCRS")?;
-    fd.set_debug_regs(&state.debugregs).ctx("KVM_SET_DEBUGREGS")?;
+    fd.set_debug_regs(&state.debugregs)
+        .ctx("KVM_SET_DEBUGREGS")?;
     if let Some(lapic) = &state.lapic {
         fd.set_lapic(lapic).ctx("KVM_SET_LAPIC")?;
     }
@@ -125,6 +128,7 @@ pub fn restore(fd: &VcpuFd, cpuid: &CpuId, state: &VcpuState, irqchip: bool) -> 
             entries.len()
         )));
     }
-    fd.set_vcpu_events(&state.events).ctx("KVM_SET_VCPU_EVENTS")?;
+    fd.set_vcpu_events(&state.events)
+        .ctx("KVM_SET_VCPU_EVENTS")?;
     Ok(())
 }

@@ -91,7 +91,8 @@ impl Vm {
             return Err(KvmError::MissingCap("KVM_CAP_USER_MEMORY"));
         }
         let fd = kvm.create_vm().ctx("KVM_CREATE_VM")?;
-        fd.set_tss_address(KVM_TSS_ADDR as usize).ctx("KVM_SET_TSS_ADDR")?;
+        fd.set_tss_address(KVM_TSS_ADDR as usize)
+            .ctx("KVM_SET_TSS_ADDR")?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
             .ctx("KVM_SET_IDENTITY_MAP_ADDR")?;
         let irqchip = opts.irqchip && kvm.check_extension(Cap::Irqchip);
@@ -105,7 +106,8 @@ impl Vm {
         };
         match opts.dirty {
             DirtyMode::Bitmap => {
-                let offered = fd.check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) as _);
+                let offered =
+                    fd.check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) as _);
                 let want = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET;
                 if offered > 0 && (offered as u64 & want) == want {
                     let cap = kvm_enable_cap {
@@ -117,7 +119,8 @@ impl Vm {
                 }
             }
             DirtyMode::Ring(entries) => {
-                let acq_rel = fd.check_extension_raw(u64::from(KVM_CAP_DIRTY_LOG_RING_ACQ_REL) as _);
+                let acq_rel =
+                    fd.check_extension_raw(u64::from(KVM_CAP_DIRTY_LOG_RING_ACQ_REL) as _);
                 let plain = fd.check_extension_raw(u64::from(KVM_CAP_DIRTY_LOG_RING) as _);
                 let (cap_id, max) = if acq_rel > 0 {
                     (KVM_CAP_DIRTY_LOG_RING_ACQ_REL, acq_rel)
@@ -173,7 +176,11 @@ impl Vm {
         for s in &self.slots {
             let region = kvm_userspace_memory_region {
                 slot: s.slot,
-                flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+                flags: if log_dirty {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
                 guest_phys_addr: s.gpa,
                 memory_size: s.size,
                 userspace_addr: s.host_addr,
@@ -222,7 +229,10 @@ impl Vm {
 
     /// Turns KVM dirty logging on or off for every slot.
     pub fn set_dirty_logging(&self, on: bool) -> Result<()> {
-        let mut logging = self.logging.lock().map_err(|_| KvmError::BadState("poisoned".into()))?;
+        let mut logging = self
+            .logging
+            .lock()
+            .map_err(|_| KvmError::BadState("poisoned".into()))?;
         if *logging != on {
             self.register_slots(on)?;
             *logging = on;
@@ -264,7 +274,7 @@ impl Vm {
     /// `bitmap`, which covers `bitmap.len() * 64` pages from `first_page` (a multiple of 64).
     pub fn clear_dirty_log(&self, slot: &Slot, first_page: u64, bitmap: &[u64]) -> Result<()> {
         let slot_pages = slot.size / 4096;
-        if first_page % 64 != 0 || first_page >= slot_pages {
+        if !first_page.is_multiple_of(64) || first_page >= slot_pages {
             return Err(KvmError::BadState(format!("bad clear start {first_page}")));
         }
         let num = (bitmap.len() as u64 * 64).min(slot_pages - first_page);
@@ -304,7 +314,11 @@ impl Vm {
     pub fn save_state(&self) -> Result<VmState> {
         let mut irqchips = Vec::new();
         if self.irqchip {
-            for id in [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC] {
+            for id in [
+                KVM_IRQCHIP_PIC_MASTER,
+                KVM_IRQCHIP_PIC_SLAVE,
+                KVM_IRQCHIP_IOAPIC,
+            ] {
                 let mut chip = kvm_irqchip {
                     chip_id: id,
                     ..Default::default()
@@ -318,7 +332,7 @@ impl Vm {
 
     /// Restores state saved by [`Vm::save_state`].
     pub fn restore_state(&self, state: &VmState) -> Result<()> {
-        if state.irqchips.is_empty() != !self.irqchip {
+        if state.irqchips.is_empty() == self.irqchip {
             return Err(KvmError::BadState(
                 "irqchip state does not match this VM (in-kernel irqchip on one side only)".into(),
             ));
