@@ -51,6 +51,21 @@ impl AtomicBitmap {
         }
     }
 
+    /// Clears bits `[start, start + count)`, clipped to the bitmap.
+    pub fn clear_range(&self, start: u64, count: u64) {
+        let end = start.saturating_add(count).min(self.bits);
+        let mut i = start;
+        while i < end {
+            if i.is_multiple_of(64) && end - i >= 64 {
+                self.words[(i / 64) as usize].store(0, Ordering::Release);
+                i += 64;
+            } else {
+                self.test_and_clear(i);
+                i += 1;
+            }
+        }
+    }
+
     /// Whether bit `i` is set.
     pub fn get(&self, i: u64) -> bool {
         i < self.bits
@@ -137,5 +152,8 @@ mod tests {
         assert_eq!(b.count_ones(), 200);
         assert_eq!(b.take_word(0), u64::MAX);
         assert_eq!(b.count_ones(), 136);
+        b.clear_range(70, 100);
+        assert_eq!(b.count_ones(), 36);
+        assert!(b.get(69) && !b.get(70) && !b.get(169) && b.get(170));
     }
 }

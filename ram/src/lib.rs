@@ -20,6 +20,7 @@ pub mod config;
 pub mod geometry;
 pub mod guest_ram;
 pub mod layout;
+pub mod residency;
 pub mod size;
 
 pub use access::{is_zero_page, page_hash};

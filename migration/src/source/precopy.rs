@@ -135,14 +135,28 @@ impl ReplyState {
         }
     }
 
-    /// Turns a write error into the destination's own reason when it sent one.
+    /// Turns a write error into the destination's own reason when it sent one, and a
+    /// timed-out write into words a user can act on.
     fn explain(&mut self, e: MigrationError) -> MigrationError {
         if let Some(rx) = &self.rx {
             if let Ok(Ok(Reply::Failed(why))) = rx.recv_timeout(Duration::from_millis(500)) {
                 return MigrationError::Destination(why);
             }
         }
-        e
+        match e {
+            MigrationError::Stream(crate::stream::StreamError::Io(io))
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                MigrationError::DestinationLost(format!(
+                    "no progress sending for {:?}: the destination stopped reading or the link is down ({io})",
+                    crate::transport::WRITE_TIMEOUT
+                ))
+            }
+            other => other,
+        }
     }
 
     /// Waits for LOADED.
@@ -293,6 +307,11 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
                 Phase::Precopy,
             );
             let cur_pending = pending_bytes;
+            if pass == 1 {
+                // Pages never touched read as zero: send them as zero runs without reading
+                // (or, for shared memory, allocating) them.
+                sender.send_holes(&bitmap, &ram.data_ranges())?;
+            }
             sender
                 .send_bitmap(&bitmap, |_| {
                     replies.poll()?;

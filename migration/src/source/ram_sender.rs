@@ -96,6 +96,36 @@ impl<'a, W: Write> RamSender<'a, W> {
         self.account()
     }
 
+    /// Sends the pages outside `data_ranges` (known to read as zero without touching them)
+    /// as zero runs, and clears their bits from `bitmap`; returns the pages covered.
+    pub fn send_holes(&mut self, bitmap: &AtomicBitmap, data_ranges: &[(u64, u64)]) -> Result<u64> {
+        let mut sent = 0u64;
+        let mut next = 0u64;
+        let pages = self.ram.page_count();
+        let holes = data_ranges
+            .iter()
+            .map(|&(s, _)| s)
+            .chain(std::iter::once(pages))
+            .zip(std::iter::once(0).chain(data_ranges.iter().map(|&(_, e)| e)));
+        for (hole_end, hole_start) in holes {
+            let start = hole_start.max(next);
+            let end = hole_end.min(pages);
+            next = next.max(end);
+            let mut p = start;
+            while p < end {
+                let count = (end - p).min(u64::from(u32::MAX));
+                self.out
+                    .ram_record(word(p << PAGE_SHIFT, FLAG_ZERO), &[&(count as u32).to_le_bytes()])?;
+                self.counters.add_zero_pages(count);
+                bitmap.clear_range(p, count);
+                sent += count;
+                p += count;
+            }
+            self.account()?;
+        }
+        Ok(sent)
+    }
+
     /// Sends every page whose bit is set in `bitmap`, clearing the bits; returns the pages
     /// sent. `between_frames` runs after every 1024 pages (bandwidth estimates, checks).
     pub fn send_bitmap(

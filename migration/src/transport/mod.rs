@@ -60,6 +60,42 @@ pub enum TransportError {
     Accept(#[source] io::Error),
 }
 
+/// A write that makes no progress for this long fails the migration (a peer that stopped
+/// reading, a link that went down).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Unacknowledged TCP data older than this breaks the connection (TCP_USER_TIMEOUT), and
+/// keepalive probes find a dead peer on an idle connection in about the same time.
+pub const TCP_DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn setsockopt_int(fd: i32, level: i32, name: i32, value: i32) {
+    // SAFETY: setsockopt with a pointer to a live c_int of the size passed.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Makes a TCP socket notice a dead peer or link instead of hanging forever.
+fn tcp_dead_peer_detection(s: &TcpStream) {
+    let fd = s.as_raw_fd();
+    let _ = s.set_nodelay(true);
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 10);
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5);
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 4);
+    setsockopt_int(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        TCP_DEAD_PEER_TIMEOUT.as_millis() as i32,
+    );
+}
+
 /// One end of a migration connection, or a file.
 pub enum Channel {
     /// A TCP connection.
@@ -181,7 +217,8 @@ pub fn connect(uri: &MigrationUri, timeout: Duration) -> Result<Channel, Transpo
             for a in addrs {
                 match TcpStream::connect_timeout(&a, timeout) {
                     Ok(s) => {
-                        let _ = s.set_nodelay(true);
+                        tcp_dead_peer_detection(&s);
+                        let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
                         return Ok(Channel::Tcp(s));
                     }
                     Err(e) => last = e,
@@ -192,9 +229,12 @@ pub fn connect(uri: &MigrationUri, timeout: Duration) -> Result<Channel, Transpo
                 source: last,
             })
         }
-        MigrationUri::Unix(path) => UnixStream::connect(path)
-            .map(Channel::Unix)
-            .map_err(|source| TransportError::Connect { uri: text, source }),
+        MigrationUri::Unix(path) => {
+            let s = UnixStream::connect(path)
+                .map_err(|source| TransportError::Connect { uri: text, source })?;
+            let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
+            Ok(Channel::Unix(s))
+        }
         MigrationUri::File { path, offset } => {
             let mut f = OpenOptions::new()
                 .write(true)
@@ -261,11 +301,13 @@ impl Listener {
         match self {
             Listener::Tcp(l) => {
                 let (s, _) = l.accept().map_err(TransportError::Accept)?;
-                let _ = s.set_nodelay(true);
+                tcp_dead_peer_detection(&s);
+                let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
                 Ok(Channel::Tcp(s))
             }
             Listener::Unix(l, _) => {
                 let (s, _) = l.accept().map_err(TransportError::Accept)?;
+                let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
                 Ok(Channel::Unix(s))
             }
             Listener::File(path, offset) => {
