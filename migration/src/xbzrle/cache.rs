@@ -51,8 +51,12 @@ pub enum CacheError {
         /// Number of pages it holds.
         pages: u64,
     },
-    /// The page size is not a power of two.
-    #[error("page size {page_size} is not a power of two")]
+    /// The page size is not a power of two up to
+    /// [`MAX_PAGE_SIZE`](super::MAX_PAGE_SIZE).
+    #[error(
+        "page size {page_size} is not a power of two of at most {} bytes",
+        super::MAX_PAGE_SIZE
+    )]
     BadPageSize {
         /// The page size given.
         page_size: usize,
@@ -115,7 +119,7 @@ impl PageCache {
 
     /// A cache with `ways` entries per set (1 is QEMU's direct mapping).
     pub fn with_ways(size: u64, page_size: usize, ways: usize) -> Result<Self, CacheError> {
-        if !page_size.is_power_of_two() {
+        if !page_size.is_power_of_two() || page_size > super::MAX_PAGE_SIZE {
             return Err(CacheError::BadPageSize { page_size });
         }
         if !ways.is_power_of_two() {
@@ -333,6 +337,14 @@ mod tests {
         let err = PageCache::new(3 * 4096, PAGE).unwrap_err();
         assert_eq!(err.to_string(), "number of pages is not a power of two");
         assert!(PageCache::new(4096, PAGE).is_ok());
+        assert_eq!(
+            PageCache::new(1 << 22, 1 << 21).unwrap_err(),
+            CacheError::BadPageSize { page_size: 1 << 21 }
+        );
+        assert_eq!(
+            PageCache::new(1 << 22, 3000).unwrap_err(),
+            CacheError::BadPageSize { page_size: 3000 }
+        );
     }
 
     #[test]

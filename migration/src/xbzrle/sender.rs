@@ -50,24 +50,22 @@ impl XbzrleEncoder {
     /// An encoder with a cache of `cache_size` bytes (`xbzrle-cache-size`)
     /// of [`ram::PAGE_SIZE`] pages.
     pub fn new(cache_size: u64) -> Result<Self, XbzrleError> {
-        Self::with_cache(PageCache::new(cache_size, ram::PAGE_SIZE)?)
+        Ok(Self::with_cache(PageCache::new(
+            cache_size,
+            ram::PAGE_SIZE,
+        )?))
     }
 
     /// An encoder around an existing cache (its page size is the page size).
-    pub fn with_cache(cache: PageCache) -> Result<Self, XbzrleError> {
+    pub fn with_cache(cache: PageCache) -> Self {
         let page_size = cache.page_size();
-        if page_size > super::MAX_PAGE_SIZE {
-            return Err(XbzrleError::Cache(super::CacheError::BadPageSize {
-                page_size,
-            }));
-        }
-        Ok(XbzrleEncoder {
+        XbzrleEncoder {
             encoded: vec![0; page_size],
             zero_page: vec![0; page_size],
             cache,
             counters: XbzrleCounters::default(),
             last_stage: false,
-        })
+        }
     }
 
     /// Encodes the page at RAM offset `addr` whose contents the caller
