@@ -7,14 +7,16 @@ use std::time::Duration;
 
 use devices::guest_control::WorkloadLayout;
 use devices::{DeviceState, GuestControl, PortBus, Serial, SerialOutput};
+use migration::vm::DirtyTracker;
 use ram::{GuestRam, MemoryConfig};
 use serde_json::Value;
 use thiserror::Error;
 
+use crate::dirty::{KvmDirtyLog, KvmDirtyRing};
 use crate::guest::layout::{GuestLayout, CODE_GPA};
 use crate::guest::{self, BootError, GuestConfig};
 use crate::kvm::state::{VcpuState, VmState};
-use crate::kvm::vm::{Vm, VmOptions};
+use crate::kvm::vm::{DirtyMode, Vm, VmOptions};
 use crate::kvm::{cpuid, vcpu, IoctlContext, KvmError};
 use crate::vcpu_thread::{
     VcpuContext, VcpuError, VcpuHandle, VcpuStop, VcpuTicker, THROTTLE_TIMESLICE,
@@ -136,6 +138,7 @@ pub struct Machine {
     tsc_khz: u64,
     throttle: Arc<Throttle>,
     throttle_thread: Option<JoinHandle<()>>,
+    dirty: Arc<dyn DirtyTracker>,
 }
 
 /// Shared throttle state: the percentage and the ticker's stop flag.
@@ -177,6 +180,17 @@ impl Machine {
         for i in 0..config.vcpus {
             fds.push(vm.create_vcpu(i as u64)?);
         }
+        let ring = match config.vm.dirty {
+            DirtyMode::Ring(_) => {
+                let raw: Vec<_> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+                Some(Arc::new(KvmDirtyRing::new(vm.clone(), &raw)?))
+            }
+            DirtyMode::Bitmap => None,
+        };
+        let dirty: Arc<dyn DirtyTracker> = match &ring {
+            Some(r) => r.clone(),
+            None => Arc::new(KvmDirtyLog::new(vm.clone())),
+        };
         let tsc_khz = fds
             .first()
             .and_then(|fd| fd.get_tsc_khz().ok())
@@ -228,6 +242,10 @@ impl Machine {
                 msr_list: msr_list.clone(),
                 irqchip: vm.has_irqchip(),
                 tsc_khz,
+                on_ring_full: ring.clone().map(|r| {
+                    Box::new(move |vcpu: usize| r.on_ring_full(vcpu))
+                        as Box<dyn Fn(usize) -> Result<(), String> + Send + Sync>
+                }),
                 on_stop: Box::new(move |why: &VcpuStop| {
                     eprintln!("ferry: {why}");
                     ev.emit(
@@ -254,6 +272,7 @@ impl Machine {
             tsc_khz,
             throttle,
             throttle_thread: None,
+            dirty,
         };
         m.start_throttle_ticker()?;
         Ok(m)
@@ -336,6 +355,11 @@ impl Machine {
             .lock()
             .map(|s| s.output_tail())
             .unwrap_or_default()
+    }
+
+    /// The dirty-page tracker migrations use (KVM's dirty log or ring).
+    pub fn dirty_tracker(&self) -> Arc<dyn DirtyTracker> {
+        self.dirty.clone()
     }
 
     /// The vCPU handles.

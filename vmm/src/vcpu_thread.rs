@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use devices::guest_abi::SLEEP_PORT;
 use devices::PortBus;
-use kvm_bindings::CpuId;
+use kvm_bindings::{CpuId, KVM_EXIT_DIRTY_RING_FULL};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use thiserror::Error;
 
@@ -86,6 +86,8 @@ pub struct VcpuContext {
     pub irqchip: bool,
     /// Guest TSC frequency (for the sleep port).
     pub tsc_khz: u64,
+    /// Called on KVM_EXIT_DIRTY_RING_FULL (dirty ring mode): harvest so the vCPU can run.
+    pub on_ring_full: Option<Box<dyn Fn(usize) -> Result<(), String> + Send + Sync>>,
     /// Called once when the vCPU stops on its own (guest crash, KVM error).
     pub on_stop: Box<dyn Fn(&VcpuStop) + Send + Sync>,
 }
@@ -389,6 +391,19 @@ fn run_loop(fd: &mut VcpuFd, s: &Shared, ctx: &VcpuContext) -> Option<VcpuStop> 
                 return Some(VcpuStop::Shutdown(id, rip));
             }
             Ok(VcpuExit::Intr) => {}
+            Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => match &ctx.on_ring_full {
+                Some(harvest) => {
+                    if let Err(e) = harvest(id) {
+                        return Some(VcpuStop::Unexpected(id, e));
+                    }
+                }
+                None => {
+                    return Some(VcpuStop::Unexpected(
+                        id,
+                        "dirty ring full without a ring".into(),
+                    ))
+                }
+            },
             Ok(other) => {
                 return Some(VcpuStop::Unexpected(id, format!("{other:?}")));
             }

@@ -8,7 +8,6 @@ use migration::vm::{DestVm, DirtyTracker, SourceVm};
 use ram::GuestRam;
 use serde::{Deserialize, Serialize};
 
-use crate::dirty::KvmDirtyLog;
 use crate::kvm::state::{VcpuState, VmState};
 use crate::machine::{Machine, RunState};
 
@@ -61,7 +60,6 @@ pub fn load_state(m: &Machine, bytes: &[u8]) -> Result<bool, String> {
 /// The outgoing side: a running machine.
 pub struct MachineSource {
     machine: Arc<Machine>,
-    tracker: Arc<KvmDirtyLog>,
     uuid: [u8; 16],
     was_running: AtomicBool,
 }
@@ -69,10 +67,8 @@ pub struct MachineSource {
 impl MachineSource {
     /// Wraps `machine`.
     pub fn new(machine: Arc<Machine>, uuid: [u8; 16]) -> Self {
-        let tracker = Arc::new(KvmDirtyLog::new(machine.vm().clone()));
         MachineSource {
             machine,
-            tracker,
             uuid,
             was_running: AtomicBool::new(false),
         }
@@ -90,7 +86,7 @@ impl SourceVm for MachineSource {
         self.uuid
     }
     fn dirty_tracker(&self) -> Arc<dyn DirtyTracker> {
-        self.tracker.clone()
+        self.machine.dirty_tracker()
     }
     fn is_running(&self) -> bool {
         self.machine.is_running()

@@ -13,7 +13,7 @@ use ram::MemoryConfig;
 use crate::app::{IncomingMode, QmpEvents, Vmm};
 use crate::commands::command_table;
 use crate::guest::layout::GuestLayout;
-use crate::kvm::vm::VmOptions;
+use crate::kvm::vm::{DirtyMode, VmOptions};
 use crate::machine::{Machine, MachineConfig, Workload};
 use crate::qmp::{EventBus, QmpServer, ServerConfig};
 
@@ -50,6 +50,26 @@ pub struct RunArgs {
     /// Do not create KVM's in-kernel irqchip.
     #[arg(long)]
     pub no_irqchip: bool,
+    /// How migrations find dirty pages: `bitmap` (KVM's dirty log, with manual protect when
+    /// offered) or `ring[:ENTRIES]` (KVM's per-vCPU dirty ring, default 4096 entries).
+    #[arg(long, default_value = "bitmap")]
+    pub dirty_tracking: String,
+}
+
+fn parse_dirty_tracking(text: &str) -> Result<DirtyMode, String> {
+    match text.split_once(':') {
+        None if text == "bitmap" => Ok(DirtyMode::Bitmap),
+        None if text == "ring" => Ok(DirtyMode::Ring(4096)),
+        Some(("ring", n)) => n
+            .parse::<u32>()
+            .ok()
+            .filter(|n| n.is_power_of_two() && *n >= 64)
+            .map(DirtyMode::Ring)
+            .ok_or_else(|| {
+                format!("ring size '{n}' must be a power of two of at least 64 entries")
+            }),
+        _ => Err(format!("'{text}' is not bitmap or ring[:ENTRIES]")),
+    }
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -94,7 +114,8 @@ fn build(a: &RunArgs) -> Result<(MachineConfig, Option<String>, [u8; 16]), Strin
             serial,
             vm: VmOptions {
                 irqchip: !a.no_irqchip,
-                ..VmOptions::default()
+                dirty: parse_dirty_tracking(&a.dirty_tracking)
+                    .map_err(|e| format!("--dirty-tracking: {e}"))?,
             },
         },
         a.incoming.clone(),
