@@ -19,6 +19,17 @@ pub trait DirtyTracker: Send + Sync {
     fn sync(&self, bitmap: &AtomicBitmap) -> Result<u64, String>;
     /// Stops tracking.
     fn stop(&self);
+    /// Pages per clear chunk: the sender calls [`DirtyTracker::prepare_send`] once per chunk
+    /// before sending pages in it (KVM manual-protect clears the log lazily, QEMU's
+    /// clear_bitmap). `None` when the tracker needs no such call.
+    fn clear_chunk_pages(&self) -> Option<u64> {
+        None
+    }
+    /// Re-arms tracking for the pages of `[first_page, first_page + count)` that the last
+    /// sync reported, before they are sent.
+    fn prepare_send(&self, _first_page: u64, _count: u64) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// What the sending side needs from its VM.

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod commands;
 pub mod dirty;
 pub mod guest;
+pub mod hostpair;
 pub mod kvm;
 pub mod machine;
 pub mod qmp;

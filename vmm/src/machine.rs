@@ -189,7 +189,10 @@ impl Machine {
         };
         let dirty: Arc<dyn DirtyTracker> = match &ring {
             Some(r) => r.clone(),
-            None => Arc::new(KvmDirtyLog::new(vm.clone())),
+            None => Arc::new(KvmDirtyLog::new(
+                vm.clone(),
+                crate::dirty::kvm_log::DEFAULT_CLEAR_SHIFT,
+            )),
         };
         let tsc_khz = fds
             .first()

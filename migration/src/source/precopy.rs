@@ -305,12 +305,13 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
                 &shared.limiter,
                 &shared.cancel,
                 Phase::Precopy,
-            );
+            )
+            .with_tracker(tracker.as_ref());
             let cur_pending = pending_bytes;
             if pass == 1 {
                 // Pages never touched read as zero: send them as zero runs without reading
                 // (or, for shared memory, allocating) them.
-                sender.send_holes(&bitmap, &ram.data_ranges())?;
+                sender.send_holes(&bitmap, || ram.data_ranges())?;
             }
             sender
                 .send_bitmap(&bitmap, |_| {
@@ -412,6 +413,7 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
             &shared.cancel,
             Phase::Downtime,
         );
+        // The vCPUs are stopped: nothing needs re-arming before these last pages go.
         sender
             .send_bitmap(&bitmap, |_| Ok(()))
             .map_err(|e| replies.explain(e))?;

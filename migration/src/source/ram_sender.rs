@@ -10,6 +10,7 @@ use crate::info::{Channel, MigrationCounters, Phase};
 use crate::rate_limit::RateLimiter;
 use crate::stream::frame::FrameWriter;
 use crate::stream::ram::{word, FLAG_PAGE, FLAG_ZERO};
+use crate::vm::DirtyTracker;
 
 /// Writes RAM records for the pages of a bitmap, accounting bytes and honouring the rate limit.
 pub struct RamSender<'a, W: Write> {
@@ -21,6 +22,8 @@ pub struct RamSender<'a, W: Write> {
     phase: Phase,
     zero_run: Option<(u64, u32)>,
     accounted: u64,
+    tracker: Option<&'a dyn DirtyTracker>,
+    chunk: Option<(u64, u64)>,
 }
 
 impl<'a, W: Write> RamSender<'a, W> {
@@ -43,7 +46,28 @@ impl<'a, W: Write> RamSender<'a, W> {
             phase,
             zero_run: None,
             accounted,
+            tracker: None,
+            chunk: None,
         }
+    }
+
+    /// Lets `tracker` re-arm each clear chunk just before its pages are sent.
+    pub fn with_tracker(mut self, tracker: &'a dyn DirtyTracker) -> Self {
+        self.chunk = tracker.clear_chunk_pages().map(|c| (c.max(64), u64::MAX));
+        self.tracker = Some(tracker);
+        self
+    }
+
+    fn enter_chunk(&mut self, page: u64) -> Result<()> {
+        if let (Some(t), Some((size, current))) = (self.tracker, self.chunk.as_mut()) {
+            let c = page / *size;
+            if c != *current {
+                *current = c;
+                t.prepare_send(c * *size, *size)
+                    .map_err(MigrationError::Vm)?;
+            }
+        }
+        Ok(())
     }
 
     /// Counts bytes written since the last call and waits for rate-limit budget.
@@ -96,9 +120,20 @@ impl<'a, W: Write> RamSender<'a, W> {
         self.account()
     }
 
-    /// Sends the pages outside `data_ranges` (known to read as zero without touching them)
-    /// as zero runs, and clears their bits from `bitmap`; returns the pages covered.
-    pub fn send_holes(&mut self, bitmap: &AtomicBitmap, data_ranges: &[(u64, u64)]) -> Result<u64> {
+    /// Sends the pages outside the ranges `data_ranges()` returns (known to read as zero
+    /// without touching them) as zero runs, and clears their bits from `bitmap`; returns the
+    /// pages covered. Dirty tracking is re-armed for all of RAM first, so a page written
+    /// after the ranges are taken is caught by the next sync.
+    pub fn send_holes(
+        &mut self,
+        bitmap: &AtomicBitmap,
+        data_ranges: impl FnOnce() -> Vec<(u64, u64)>,
+    ) -> Result<u64> {
+        if let Some(t) = self.tracker {
+            t.prepare_send(0, self.ram.page_count())
+                .map_err(MigrationError::Vm)?;
+        }
+        let data_ranges = data_ranges();
         let mut sent = 0u64;
         let mut next = 0u64;
         let pages = self.ram.page_count();
@@ -114,8 +149,10 @@ impl<'a, W: Write> RamSender<'a, W> {
             let mut p = start;
             while p < end {
                 let count = (end - p).min(u64::from(u32::MAX));
-                self.out
-                    .ram_record(word(p << PAGE_SHIFT, FLAG_ZERO), &[&(count as u32).to_le_bytes()])?;
+                self.out.ram_record(
+                    word(p << PAGE_SHIFT, FLAG_ZERO),
+                    &[&(count as u32).to_le_bytes()],
+                )?;
                 self.counters.add_zero_pages(count);
                 bitmap.clear_range(p, count);
                 sent += count;
@@ -140,7 +177,7 @@ impl<'a, W: Write> RamSender<'a, W> {
                 let b = bits.trailing_zeros();
                 bits &= bits - 1;
                 let page = w as u64 * 64 + u64::from(b);
-                if let Err(e) = self.send_page(page) {
+                if let Err(e) = self.enter_chunk(page).and_then(|_| self.send_page(page)) {
                     // Put back what was not sent so a later attempt does not lose it.
                     bitmap.or_word(w, bits | (1 << b));
                     return Err(e);

@@ -1,5 +1,7 @@
 //! The `ferry` command line: one subcommand per file.
 
+pub mod demo;
+pub mod migrate;
 pub mod probe;
 pub mod qmp_cmd;
 pub mod run;
@@ -24,6 +26,10 @@ pub enum Command {
     Qmp(qmp_cmd::QmpArgs),
     /// Show what this host's kernel offers Ferry (KVM, userfaultfd, huge pages).
     Probe(probe::ProbeArgs),
+    /// Live-migrate a running Ferry (over QMP) with a progress bar.
+    Migrate(migrate::MigrateArgs),
+    /// Boot a dirtying guest, live-migrate it between two hosts, verify it, summarize.
+    Demo(demo::DemoArgs),
 }
 
 /// Runs the parsed command line; returns the process exit code.
@@ -32,5 +38,7 @@ pub fn main_with(cli: Cli) -> i32 {
         Command::Run(a) => run::run(a),
         Command::Qmp(a) => qmp_cmd::run(a),
         Command::Probe(a) => probe::run(a),
+        Command::Migrate(a) => migrate::run(a),
+        Command::Demo(a) => demo::run(a),
     }
 }
