@@ -19,7 +19,7 @@ use crate::kvm::state::{VcpuState, VmState};
 use crate::kvm::vm::{DirtyMode, Vm, VmOptions};
 use crate::kvm::{cpuid, vcpu, IoctlContext, KvmError};
 use crate::vcpu_thread::{
-    VcpuContext, VcpuError, VcpuHandle, VcpuStop, VcpuTicker, THROTTLE_TIMESLICE,
+    RingFullHandler, VcpuContext, VcpuError, VcpuHandle, VcpuStop, VcpuTicker, THROTTLE_TIMESLICE,
 };
 
 /// Something that publishes machine events (QMP events such as STOP and RESUME).
@@ -245,10 +245,9 @@ impl Machine {
                 msr_list: msr_list.clone(),
                 irqchip: vm.has_irqchip(),
                 tsc_khz,
-                on_ring_full: ring.clone().map(|r| {
-                    Box::new(move |vcpu: usize| r.on_ring_full(vcpu))
-                        as Box<dyn Fn(usize) -> Result<(), String> + Send + Sync>
-                }),
+                on_ring_full: ring
+                    .clone()
+                    .map(|r| Box::new(move |vcpu: usize| r.on_ring_full(vcpu)) as RingFullHandler),
                 on_stop: Box::new(move |why: &VcpuStop| {
                     eprintln!("ferry: {why}");
                     ev.emit(

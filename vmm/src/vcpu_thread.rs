@@ -74,6 +74,9 @@ struct Ctl {
     requests: VecDeque<Request>,
 }
 
+/// Harvests the dirty ring of vCPU `n` when it reports full.
+pub type RingFullHandler = Box<dyn Fn(usize) -> Result<(), String> + Send + Sync>;
+
 /// What the vCPU thread needs from the machine.
 pub struct VcpuContext {
     /// Port I/O routing.
@@ -87,7 +90,7 @@ pub struct VcpuContext {
     /// Guest TSC frequency (for the sleep port).
     pub tsc_khz: u64,
     /// Called on KVM_EXIT_DIRTY_RING_FULL (dirty ring mode): harvest so the vCPU can run.
-    pub on_ring_full: Option<Box<dyn Fn(usize) -> Result<(), String> + Send + Sync>>,
+    pub on_ring_full: Option<RingFullHandler>,
     /// Called once when the vCPU stops on its own (guest crash, KVM error).
     pub on_stop: Box<dyn Fn(&VcpuStop) + Send + Sync>,
 }
