@@ -1,13 +1,11 @@
 //! Applies a migration stream to the destination's memory and state.
 
-use std::io::Read;
-
-use ram::{is_zero_page, AtomicBitmap, GuestRam, PAGE_SHIFT};
+use ram::{is_zero_page, page_hash, AtomicBitmap, GuestRam, PAGE_SHIFT, PAGE_SIZE};
 
 use crate::error::{MigrationError, Result};
-use crate::stream::frame::{FrameKind, FrameReader};
+use crate::stream::frame::{Frame, FrameKind, FrameReader, StreamSource};
 use crate::stream::header::{Header, FEATURE_VALIDATE_UUID};
-use crate::stream::ram::{RamRecord, RamRecordReader};
+use crate::stream::ram::{RamDirectory, RamRecord};
 use crate::stream::StreamError;
 use crate::vm::DestVm;
 
@@ -18,7 +16,7 @@ pub trait LoadProgress {
 }
 
 /// Checks the stream header against this VM.
-pub fn check_header(header: &Header, vm: &dyn DestVm, validate_uuid: bool) -> Result<()> {
+pub fn check_header(header: &Header, vm: &dyn DestVm) -> Result<()> {
     let ram = vm.ram();
     if header.ram_size != ram.size() {
         return Err(StreamError::Mismatch(format!(
@@ -38,8 +36,7 @@ pub fn check_header(header: &Header, vm: &dyn DestVm, validate_uuid: bool) -> Re
         ))
         .into());
     }
-    // QEMU checks the UUID when the source sends it (validate-uuid on the source).
-    let _ = validate_uuid;
+    // As QEMU: the source sends its UUID for checking when validate-uuid is on there.
     if header.has(FEATURE_VALIDATE_UUID) && header.uuid != vm.uuid() {
         return Err(StreamError::Mismatch(format!(
             "UUID received is {} and local is {}",
@@ -51,14 +48,17 @@ pub fn check_header(header: &Header, vm: &dyn DestVm, validate_uuid: bool) -> Re
     Ok(())
 }
 
-/// Applies RAM records to guest memory.
+/// Applies RAM frames to guest memory.
 pub struct RamLoader<'a> {
     ram: &'a GuestRam,
     /// Pages written by this migration so far (a zero record for a page never written
     /// into fresh memory needs no work at all).
     received: AtomicBitmap,
+    /// Pages whose last copy did not match its hash (see stream::ram).
+    suspect: AtomicBitmap,
     fresh: bool,
-    /// Pages applied.
+    scratch: Vec<u8>,
+    /// Records applied.
     pub pages: u64,
 }
 
@@ -68,52 +68,94 @@ impl<'a> RamLoader<'a> {
         RamLoader {
             ram,
             received: AtomicBitmap::new(ram.page_count()),
+            suspect: AtomicBitmap::new(ram.page_count()),
             fresh,
+            scratch: Vec::new(),
             pages: 0,
         }
     }
 
-    /// Applies one RAM frame payload.
-    pub fn apply(&mut self, payload: &[u8]) -> Result<()> {
-        for rec in RamRecordReader::new(payload, self.ram.size()) {
-            match rec? {
-                RamRecord::Page { offset, data } => {
+    fn page_mut_ptr(&self, offset: u64) -> Result<*mut u8> {
+        self.ram
+            .page_ptr(offset >> PAGE_SHIFT)
+            .ok_or_else(|| MigrationError::Vm(format!("page {offset:#x} outside RAM")))
+    }
+
+    /// Reads a RAM frame's data into place and applies its records.
+    pub fn apply<R: StreamSource>(
+        &mut self,
+        reader: &mut FrameReader<R>,
+        dir: &RamDirectory,
+    ) -> Result<()> {
+        // Pages go straight into guest memory; deltas and compressed pages into scratch.
+        let scratch_len: usize = dir
+            .records
+            .iter()
+            .filter(|r| !matches!(r, RamRecord::Page { .. }))
+            .map(|r| r.data_len())
+            .sum();
+        self.scratch.resize(scratch_len, 0);
+        let mut iov = Vec::with_capacity(dir.records.len());
+        let mut at = 0usize;
+        for r in &dir.records {
+            match *r {
+                RamRecord::Page { offset, .. } => iov.push(libc::iovec {
+                    iov_base: self.page_mut_ptr(offset)?.cast(),
+                    iov_len: PAGE_SIZE,
+                }),
+                RamRecord::Xbzrle { len, .. } | RamRecord::Compressed { len, .. } => {
+                    iov.push(libc::iovec {
+                        iov_base: self.scratch[at..].as_mut_ptr().cast(),
+                        iov_len: len,
+                    });
+                    at += len;
+                }
+                RamRecord::Zero { .. } => {}
+            }
+        }
+        // SAFETY: every iovec points at a page of guest RAM (bounds checked when the directory
+        // was decoded) or into `self.scratch`; the guest does not run during the load and no
+        // Rust reference to those bytes is alive across this call.
+        unsafe { reader.read_ram_data(&mut iov)? };
+        let mut at = 0usize;
+        for r in &dir.records {
+            match *r {
+                RamRecord::Page { offset, hash } => {
                     let page = offset >> PAGE_SHIFT;
-                    self.ram
-                        .write_page(page, data)
-                        .map_err(|e| MigrationError::Vm(e.to_string()))?;
-                    self.received.set(page);
+                    let ok = self.ram.page(page).is_some_and(|b| page_hash(b) == hash);
+                    self.mark(page, ok);
                     self.pages += 1;
                 }
                 RamRecord::Zero { offset, count } => {
                     let first = offset >> PAGE_SHIFT;
-                    for page in first..first + u64::from(count) {
+                    for page in first..first + count {
                         let untouched = self.fresh && !self.received.get(page);
                         if !untouched && !self.ram.page(page).is_some_and(is_zero_page) {
                             self.ram
                                 .zero_page(page)
                                 .map_err(|e| MigrationError::Vm(e.to_string()))?;
                         }
-                        self.received.set(page);
+                        self.mark(page, true);
                     }
-                    self.pages += u64::from(count);
+                    self.pages += count;
                 }
-                RamRecord::Xbzrle { offset, data } => {
+                RamRecord::Xbzrle { offset, len, hash } => {
                     let page = offset >> PAGE_SHIFT;
-                    let ptr = self
-                        .ram
-                        .page_ptr(page)
-                        .ok_or_else(|| MigrationError::Vm(format!("page {page} outside RAM")))?;
+                    let ptr = self.page_mut_ptr(offset)?;
                     // SAFETY: `ptr` is a page of guest RAM; the guest is not running on the
-                    // destination, and nothing else writes guest memory during the load.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(ptr, ram::PAGE_SIZE) };
-                    crate::xbzrle::decode(data, dst).map_err(|e| {
+                    // destination and nothing else writes guest memory during the load.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(ptr, PAGE_SIZE) };
+                    crate::xbzrle::decode(&self.scratch[at..at + len], dst).map_err(|e| {
                         StreamError::Invalid(format!("XBZRLE page at {offset:#x}: {e}"))
                     })?;
-                    self.received.set(page);
+                    // A delta applied to a suspect base stays suspect.
+                    let ok = !self.suspect.get(page) && page_hash(dst) == hash;
+                    self.mark(page, ok);
                     self.pages += 1;
+                    at += len;
                 }
-                RamRecord::Compressed { offset, .. } => {
+                RamRecord::Compressed { offset, len, .. } => {
+                    let _ = len;
                     return Err(StreamError::Invalid(format!(
                         "compressed page at {offset:#x}, but this stream did not announce compression"
                     ))
@@ -123,20 +165,52 @@ impl<'a> RamLoader<'a> {
         }
         Ok(())
     }
+
+    fn mark(&self, page: u64, ok: bool) {
+        self.received.set(page);
+        if ok {
+            self.suspect.test_and_clear(page);
+        } else {
+            self.suspect.set(page);
+        }
+    }
+
+    /// Fails if any page's last copy did not match its hash.
+    pub fn check_complete(&self) -> Result<()> {
+        let n = self.suspect.count_ones();
+        if n == 0 {
+            return Ok(());
+        }
+        let first = (0..self.ram.page_count())
+            .find(|&p| self.suspect.get(p))
+            .unwrap_or(0);
+        Err(StreamError::Checksum(if n == 1 {
+            "one page (its data arrived corrupted and was never sent again)"
+        } else {
+            "several pages (their data arrived corrupted and was never sent again)"
+        })
+        .into())
+        .map_err(|e: MigrationError| {
+            MigrationError::Stream(StreamError::Invalid(format!(
+                "{e}: {n} page(s), the first at RAM offset {:#x}",
+                first << PAGE_SHIFT
+            )))
+        })
+    }
 }
 
 /// Reads frames until END; returns the state payload.
-pub fn load_stream<R: Read>(
+pub fn load_stream<R: StreamSource>(
     reader: &mut FrameReader<R>,
     loader: &mut RamLoader<'_>,
     progress: &mut dyn LoadProgress,
 ) -> Result<Vec<u8>> {
+    let ram_size = loader.ram.size();
     let mut state: Option<Vec<u8>> = None;
     loop {
-        let (kind, payload) = reader.next_frame()?;
-        match kind {
-            FrameKind::Ram => loader.apply(payload)?,
-            FrameKind::PassEnd => {
+        match reader.next(ram_size)? {
+            Frame::Ram(dir) => loader.apply(reader, &dir)?,
+            Frame::Other(FrameKind::PassEnd, payload) => {
                 let pass = payload
                     .get(..8)
                     .and_then(|b| b.try_into().ok())
@@ -144,17 +218,21 @@ pub fn load_stream<R: Read>(
                     .ok_or(StreamError::Truncated("in a PASS_END frame"))?;
                 progress.pass_end(pass)?;
             }
-            FrameKind::State => {
+            Frame::Other(FrameKind::State, payload) => {
                 if state.is_some() {
                     return Err(StreamError::Invalid("two STATE frames".into()).into());
                 }
                 state = Some(payload.to_vec());
             }
-            FrameKind::End => {
+            Frame::Other(FrameKind::End, _) => {
+                loader.check_complete()?;
                 return state.ok_or_else(|| {
                     StreamError::Invalid("the stream ended without vCPU and device state".into())
                         .into()
                 });
+            }
+            Frame::Other(FrameKind::Ram, _) => {
+                return Err(StreamError::Invalid("malformed RAM frame".into()).into());
             }
         }
     }

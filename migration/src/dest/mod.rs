@@ -188,7 +188,7 @@ fn receive(
         } else {
             None
         };
-    let result = load(shared, ch, reply_ch.as_mut(), vm, fresh_ram);
+    let result = load(ch, reply_ch.as_mut(), vm, fresh_ram);
     if let (Err(e), Some(rc)) = (&result, reply_ch.as_mut()) {
         // Tell the source why, so its error says more than "connection reset".
         let _ = Reply::Failed(e.to_string()).write_to(rc);
@@ -198,7 +198,6 @@ fn receive(
 }
 
 fn load(
-    shared: &DestShared,
     ch: Channel,
     mut reply_ch: Option<&mut Channel>,
     vm: &dyn DestVm,
@@ -206,11 +205,7 @@ fn load(
 ) -> Result<()> {
     let mut reader = FrameReader::new(ch);
     let header = Header::read_from(reader.get_mut())?;
-    check_header(
-        &header,
-        vm,
-        shared.options.caps().get(Capability::ValidateUuid),
-    )?;
+    check_header(&header, vm)?;
     let ram = vm.ram();
     let mut loader = RamLoader::new(&ram, fresh_ram);
     let mut progress = AckAfterFirstPass {

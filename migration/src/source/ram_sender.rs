@@ -1,32 +1,63 @@
-//! Sends dirty pages on the main stream: zero runs as flags only, other pages whole.
+//! Sends dirty pages on the main stream in RAM frames: zero runs as directory entries only,
+//! other pages straight from guest memory (or, with XBZRLE, as deltas against the cache).
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use ram::{is_zero_page, AtomicBitmap, GuestRam, PAGE_SHIFT};
+use ram::{is_zero_page, page_hash, AtomicBitmap, GuestRam, PAGE_SHIFT, PAGE_SIZE};
 
 use crate::error::{MigrationError, Result};
 use crate::info::{Channel, MigrationCounters, Phase};
 use crate::rate_limit::RateLimiter;
 use crate::stream::frame::FrameWriter;
-use crate::stream::ram::{word, FLAG_PAGE, FLAG_ZERO};
+use crate::stream::ram::{RamEntry, RamRecord};
 use crate::vm::DirtyTracker;
+use crate::xbzrle::{Outcome, XbzrleEncoder};
 
-/// Writes RAM records for the pages of a bitmap, accounting bytes and honouring the rate limit.
-pub struct RamSender<'a, W: Write> {
+/// Most records in one RAM frame (QEMU's multifd packets carry 128 pages).
+pub const FRAME_ENTRIES: usize = 128;
+/// Data bytes after which a RAM frame is sent.
+pub const FRAME_DATA: usize = 512 << 10;
+
+/// Where a record's data comes from.
+enum DataRef<'a> {
+    /// Straight from guest memory (sent without a copy).
+    Guest(&'a [u8]),
+    /// From the sender's arena (XBZRLE deltas, cached copies).
+    Arena(usize, usize),
+}
+
+/// XBZRLE state for a pass from the second on.
+pub struct XbzrleStage<'e> {
+    /// The encoder (cache and statistics) of this migration.
+    pub encoder: &'e mut XbzrleEncoder,
+    /// The dirty-sync count, which ages cache entries.
+    pub generation: u64,
+}
+
+/// Writes RAM frames for the pages of a bitmap, accounting bytes and honouring the rate limit.
+pub struct RamSender<'a, 'e, W: Write> {
     ram: &'a GuestRam,
     out: &'a mut FrameWriter<W>,
     counters: &'a MigrationCounters,
     limiter: &'a RateLimiter,
     cancel: &'a AtomicBool,
     phase: Phase,
-    zero_run: Option<(u64, u32)>,
+    zero_run: Option<(u64, u64)>,
     accounted: u64,
     tracker: Option<&'a dyn DirtyTracker>,
     chunk: Option<(u64, u64)>,
+    entries: Vec<RamEntry>,
+    data: Vec<DataRef<'a>>,
+    data_len: usize,
+    arena: Vec<u8>,
+    copy: Vec<u8>,
+    xbzrle: Option<XbzrleStage<'e>>,
+    /// Pages sent as XBZRLE deltas or found unchanged.
+    pub xbzrle_pages: u64,
 }
 
-impl<'a, W: Write> RamSender<'a, W> {
+impl<'a, 'e, W: Write> RamSender<'a, 'e, W> {
     /// A sender writing into `out`.
     pub fn new(
         ram: &'a GuestRam,
@@ -48,6 +79,13 @@ impl<'a, W: Write> RamSender<'a, W> {
             accounted,
             tracker: None,
             chunk: None,
+            entries: Vec::with_capacity(FRAME_ENTRIES + 1),
+            data: Vec::with_capacity(FRAME_ENTRIES + 1),
+            data_len: 0,
+            arena: Vec::new(),
+            copy: vec![0u8; PAGE_SIZE],
+            xbzrle: None,
+            xbzrle_pages: 0,
         }
     }
 
@@ -55,6 +93,12 @@ impl<'a, W: Write> RamSender<'a, W> {
     pub fn with_tracker(mut self, tracker: &'a dyn DirtyTracker) -> Self {
         self.chunk = tracker.clear_chunk_pages().map(|c| (c.max(64), u64::MAX));
         self.tracker = Some(tracker);
+        self
+    }
+
+    /// Sends pages through XBZRLE (from the second pass on).
+    pub fn with_xbzrle(mut self, stage: Option<XbzrleStage<'e>>) -> Self {
+        self.xbzrle = stage;
         self
     }
 
@@ -77,47 +121,154 @@ impl<'a, W: Write> RamSender<'a, W> {
         if delta > 0 {
             self.accounted = now;
             self.counters.add_sent(Channel::Main, self.phase, delta);
-            if self.limiter.acquire(delta).is_err() || self.cancel.load(Ordering::Acquire) {
+            if self.limiter.acquire(delta).is_err() {
                 return Err(MigrationError::Cancelled);
             }
+        }
+        if self.cancel.load(Ordering::Acquire) {
+            return Err(MigrationError::Cancelled);
         }
         Ok(())
     }
 
+    /// Sends the open frame, if it has anything.
+    fn flush_frame(&mut self) -> Result<()> {
+        if self.entries.is_empty() {
+            return Ok(());
+        }
+        let arena = &self.arena;
+        let slices: Vec<&[u8]> = self
+            .data
+            .iter()
+            .map(|d| match *d {
+                DataRef::Guest(s) => s,
+                DataRef::Arena(start, len) => &arena[start..start + len],
+            })
+            .collect();
+        self.out.ram_frame(&self.entries, &slices)?;
+        self.entries.clear();
+        self.data.clear();
+        self.data_len = 0;
+        self.arena.clear();
+        self.account()
+    }
+
+    fn push(&mut self, record: RamRecord, data: Option<DataRef<'a>>) -> Result<()> {
+        self.entries.push(record.entry());
+        if let Some(d) = data {
+            self.data_len += match d {
+                DataRef::Guest(s) => s.len(),
+                DataRef::Arena(_, len) => len,
+            };
+            self.data.push(d);
+        }
+        if self.entries.len() >= FRAME_ENTRIES || self.data_len >= FRAME_DATA {
+            self.flush_frame()?;
+        }
+        Ok(())
+    }
+
+    fn push_owned(&mut self, record: RamRecord, bytes: &[u8]) -> Result<()> {
+        let start = self.arena.len();
+        self.arena.extend_from_slice(bytes);
+        self.push(record, Some(DataRef::Arena(start, bytes.len())))
+    }
+
     fn flush_zero_run(&mut self) -> Result<()> {
         if let Some((first, count)) = self.zero_run.take() {
-            self.out.ram_record(
-                word(first << PAGE_SHIFT, FLAG_ZERO),
-                &[&count.to_le_bytes()],
+            self.counters.add_zero_pages(count);
+            self.push(
+                RamRecord::Zero {
+                    offset: first << PAGE_SHIFT,
+                    count,
+                },
+                None,
             )?;
-            self.counters.add_zero_pages(u64::from(count));
+        }
+        Ok(())
+    }
+
+    fn zero_page(&mut self, page: u64) -> Result<()> {
+        match &mut self.zero_run {
+            Some((first, count)) if *first + *count == page => *count += 1,
+            _ => {
+                self.flush_zero_run()?;
+                self.zero_run = Some((page, 1));
+            }
         }
         Ok(())
     }
 
     /// Sends page `page` (a RAM page number).
     pub fn send_page(&mut self, page: u64) -> Result<()> {
-        let bytes = self
-            .ram
+        let ram = self.ram;
+        let bytes = ram
             .page(page)
             .ok_or_else(|| MigrationError::Vm(format!("page {page} is outside guest RAM")))?;
-        if is_zero_page(bytes) {
-            match &mut self.zero_run {
-                Some((first, count)) if *first + u64::from(*count) == page && *count < u32::MAX => {
-                    *count += 1;
-                }
-                _ => {
-                    self.flush_zero_run()?;
-                    self.zero_run = Some((page, 1));
-                }
-            }
-        } else {
-            self.flush_zero_run()?;
-            self.out
-                .ram_record(word(page << PAGE_SHIFT, FLAG_PAGE), &[bytes])?;
-            self.counters.add_normal_pages(1);
+        let offset = page << PAGE_SHIFT;
+        if self.xbzrle.is_some() {
+            return self.send_page_xbzrle(offset, bytes);
         }
-        self.account()
+        if is_zero_page(bytes) {
+            return self.zero_page(page);
+        }
+        self.flush_zero_run()?;
+        self.counters.add_normal_pages(1);
+        // Hashed and sent straight from guest memory: if the guest changes the page
+        // meanwhile, the destination sees a mismatch, keeps the page as suspect, and the
+        // page (dirty again) is sent again later (see stream::ram).
+        let hash = page_hash(bytes);
+        self.push(
+            RamRecord::Page { offset, hash },
+            Some(DataRef::Guest(bytes)),
+        )
+    }
+
+    /// XBZRLE path: one copy of the page; the delta, the cache and the hash come from it.
+    fn send_page_xbzrle(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
+        let mut copy = std::mem::take(&mut self.copy);
+        copy.copy_from_slice(bytes);
+        let result = self.send_copy_xbzrle(offset, &copy);
+        self.copy = copy;
+        result
+    }
+
+    fn send_copy_xbzrle(&mut self, offset: u64, copy: &[u8]) -> Result<()> {
+        let Some(stage) = self.xbzrle.as_mut() else {
+            return Ok(());
+        };
+        if is_zero_page(copy) {
+            stage.encoder.cache_zero_page(offset, stage.generation);
+            return self.zero_page(offset >> PAGE_SHIFT);
+        }
+        let generation = stage.generation;
+        let hash = page_hash(copy);
+        let delta = match stage.encoder.encode_page(offset, copy, generation) {
+            Outcome::Unchanged => {
+                self.xbzrle_pages += 1;
+                return Ok(());
+            }
+            Outcome::Delta(d) => Some(d.to_vec()),
+            Outcome::Whole { .. } => None,
+        };
+        self.flush_zero_run()?;
+        match delta {
+            Some(d) => {
+                self.xbzrle_pages += 1;
+                self.push_owned(
+                    RamRecord::Xbzrle {
+                        offset,
+                        len: d.len(),
+                        hash,
+                    },
+                    &d,
+                )
+            }
+            None => {
+                self.counters.add_normal_pages(1);
+                self.push_owned(RamRecord::Page { offset, hash }, copy)
+            }
+        }
     }
 
     /// Sends the pages outside the ranges `data_ranges()` returns (known to read as zero
@@ -134,9 +285,9 @@ impl<'a, W: Write> RamSender<'a, W> {
                 .map_err(MigrationError::Vm)?;
         }
         let data_ranges = data_ranges();
+        let pages = self.ram.page_count();
         let mut sent = 0u64;
         let mut next = 0u64;
-        let pages = self.ram.page_count();
         let holes = data_ranges
             .iter()
             .map(|&(s, _)| s)
@@ -146,25 +297,19 @@ impl<'a, W: Write> RamSender<'a, W> {
             let start = hole_start.max(next);
             let end = hole_end.min(pages);
             next = next.max(end);
-            let mut p = start;
-            while p < end {
-                let count = (end - p).min(u64::from(u32::MAX));
-                self.out.ram_record(
-                    word(p << PAGE_SHIFT, FLAG_ZERO),
-                    &[&(count as u32).to_le_bytes()],
-                )?;
-                self.counters.add_zero_pages(count);
-                bitmap.clear_range(p, count);
-                sent += count;
-                p += count;
+            if start < end {
+                self.flush_zero_run()?;
+                self.zero_run = Some((start, end - start));
+                bitmap.clear_range(start, end - start);
+                sent += end - start;
             }
-            self.account()?;
         }
+        self.flush_zero_run()?;
         Ok(sent)
     }
 
     /// Sends every page whose bit is set in `bitmap`, clearing the bits; returns the pages
-    /// sent. `between_frames` runs after every 1024 pages (bandwidth estimates, checks).
+    /// sent. `between` runs after every 1024 pages (bandwidth estimates, checks).
     pub fn send_bitmap(
         &mut self,
         bitmap: &AtomicBitmap,
@@ -195,7 +340,7 @@ impl<'a, W: Write> RamSender<'a, W> {
     /// Flushes the pending zero run and the open frame.
     pub fn finish(&mut self) -> Result<()> {
         self.flush_zero_run()?;
-        self.out.finish()?;
+        self.flush_frame()?;
         self.account()
     }
 }

@@ -1,15 +1,15 @@
-//! Frames: `[type u8][flags u8][reserved u16][len u32] payload [xxh3-64]`.
+//! Frames: `[type u8][flags u8][reserved u16][len u32] payload [xxh3-64]`, except RAM
+//! frames, whose checksum covers their directory only (see [`super::ram`]).
 
-use std::io::{Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 
 use xxhash_rust::xxh3::Xxh3;
 
+use super::ram::{RamDirectory, RamEntry, ENTRY_LEN, MAX_DATA, MAX_ENTRIES};
 use super::{Result, StreamError};
 
 /// Largest payload a frame may carry (a reader refuses bigger lengths).
 pub const MAX_FRAME_PAYLOAD: usize = 16 << 20;
-/// Payload size at which a RAM frame is sent (a batch of pages).
-pub const RAM_FRAME_TARGET: usize = 256 << 10;
 /// Bytes of frame header.
 pub const FRAME_HEADER_LEN: usize = 8;
 /// Bytes of frame trailer (checksum).
@@ -41,12 +41,25 @@ impl FrameKind {
     }
 }
 
-/// Builds frames in a buffer and writes them whole.
+/// Writes frames.
 pub struct FrameWriter<W: Write> {
     w: W,
-    buf: Vec<u8>,
-    open: Option<FrameKind>,
+    dir: Vec<u8>,
     written: u64,
+}
+
+/// Writes every byte of `bufs` with as few syscalls as the transport allows.
+pub fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 impl<W: Write> FrameWriter<W> {
@@ -54,8 +67,7 @@ impl<W: Write> FrameWriter<W> {
     pub fn new(w: W) -> Self {
         FrameWriter {
             w,
-            buf: Vec::with_capacity(RAM_FRAME_TARGET + 2 * 4096 + 64),
-            open: None,
+            dir: Vec::with_capacity(16 + MAX_ENTRIES * ENTRY_LEN + 8),
             written: 0,
         }
     }
@@ -75,68 +87,39 @@ impl<W: Write> FrameWriter<W> {
         &mut self.w
     }
 
-    /// The transport, consuming the writer (the open frame, if any, is discarded).
+    /// The transport, consuming the writer.
     pub fn into_inner(self) -> W {
         self.w
     }
 
-    fn open(&mut self, kind: FrameKind) -> Result<()> {
-        if self.open != Some(kind) {
-            self.finish()?;
-            self.buf.clear();
-            self.buf
-                .extend_from_slice(&[kind as u8, 0, 0, 0, 0, 0, 0, 0]);
-            self.open = Some(kind);
+    /// Sends a RAM frame: `entries` and the data area `data` (in entry order).
+    pub fn ram_frame(&mut self, entries: &[RamEntry], data: &[&[u8]]) -> Result<()> {
+        let data_len: usize = data.iter().map(|d| d.len()).sum();
+        if entries.len() > MAX_ENTRIES || data_len > MAX_DATA || data.len() >= 1023 {
+            return Err(StreamError::Invalid("RAM frame too large".into()));
         }
+        let len = 8 + entries.len() * ENTRY_LEN + FRAME_TRAILER_LEN + data_len;
+        self.dir.clear();
+        self.dir.extend_from_slice(&[FrameKind::Ram as u8, 0, 0, 0]);
+        self.dir.extend_from_slice(&(len as u32).to_le_bytes());
+        self.dir
+            .extend_from_slice(&(entries.len() as u32).to_le_bytes());
+        self.dir.extend_from_slice(&(data_len as u32).to_le_bytes());
+        for e in entries {
+            e.encode(&mut self.dir);
+        }
+        let sum = xxhash_rust::xxh3::xxh3_64(&self.dir);
+        self.dir.extend_from_slice(&sum.to_le_bytes());
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(data.len() + 1);
+        slices.push(IoSlice::new(&self.dir));
+        slices.extend(data.iter().map(|d| IoSlice::new(d)));
+        write_all_vectored(&mut self.w, &mut slices)?;
+        self.written += (FRAME_HEADER_LEN + len) as u64;
         Ok(())
     }
 
-    /// Payload bytes in the open frame.
-    pub fn pending(&self) -> usize {
-        self.buf.len().saturating_sub(FRAME_HEADER_LEN)
-    }
-
-    /// Appends raw payload bytes to an open frame of `kind` (opening one if needed).
-    pub fn append(&mut self, kind: FrameKind, bytes: &[u8]) -> Result<()> {
-        self.open(kind)?;
-        if self.pending() + bytes.len() > MAX_FRAME_PAYLOAD {
-            return Err(StreamError::Invalid("frame payload too large".into()));
-        }
-        self.buf.extend_from_slice(bytes);
-        Ok(())
-    }
-
-    /// Appends a RAM record word followed by `data`, sending the frame once it is big enough.
-    pub fn ram_record(&mut self, word: u64, data: &[&[u8]]) -> Result<()> {
-        self.open(FrameKind::Ram)?;
-        self.buf.extend_from_slice(&word.to_le_bytes());
-        for d in data {
-            self.buf.extend_from_slice(d);
-        }
-        if self.pending() >= RAM_FRAME_TARGET {
-            self.finish()?;
-        }
-        Ok(())
-    }
-
-    /// Finishes and sends the open frame, if any.
-    pub fn finish(&mut self) -> Result<()> {
-        if self.open.take().is_none() {
-            return Ok(());
-        }
-        let len = (self.buf.len() - FRAME_HEADER_LEN) as u32;
-        self.buf[4..8].copy_from_slice(&len.to_le_bytes());
-        let sum = xxhash_rust::xxh3::xxh3_64(&self.buf);
-        self.buf.extend_from_slice(&sum.to_le_bytes());
-        self.w.write_all(&self.buf)?;
-        self.written += self.buf.len() as u64;
-        self.buf.clear();
-        Ok(())
-    }
-
-    /// Sends one whole frame of `kind` with `payload` (finishing any open frame first).
+    /// Sends one whole frame of `kind` with `payload`.
     pub fn frame(&mut self, kind: FrameKind, payload: &[u8]) -> Result<()> {
-        self.finish()?;
         if payload.len() > MAX_FRAME_PAYLOAD {
             return Err(StreamError::Invalid(format!(
                 "{kind:?} frame of {} bytes exceeds the {MAX_FRAME_PAYLOAD}-byte limit",
@@ -149,23 +132,102 @@ impl<W: Write> FrameWriter<W> {
         let mut h = Xxh3::new();
         h.update(&head);
         h.update(payload);
-        self.w.write_all(&head)?;
-        self.w.write_all(payload)?;
-        self.w.write_all(&h.digest().to_le_bytes())?;
+        let sum = h.digest().to_le_bytes();
+        write_all_vectored(
+            &mut self.w,
+            &mut [
+                IoSlice::new(&head),
+                IoSlice::new(payload),
+                IoSlice::new(&sum),
+            ],
+        )?;
         self.written += (FRAME_HEADER_LEN + payload.len() + FRAME_TRAILER_LEN) as u64;
         Ok(())
     }
 
-    /// Finishes the open frame and flushes the transport.
+    /// Flushes the transport.
     pub fn flush(&mut self) -> Result<()> {
-        self.finish()?;
         self.w.flush()?;
         Ok(())
     }
 }
 
+/// A byte source that can scatter into guest memory directly.
+pub trait StreamSource: Read {
+    /// Reads into the buffers described by `iov` (raw pointers), like readv(2); returns
+    /// the bytes read (0 at end of stream).
+    ///
+    /// # Safety
+    /// Every `iov` entry must describe writable memory that no Rust reference aliases
+    /// while this call runs.
+    unsafe fn read_iov(&mut self, iov: &mut [libc::iovec]) -> io::Result<usize> {
+        let total: usize = iov.iter().map(|v| v.iov_len).sum();
+        let mut tmp = vec![0u8; total.min(1 << 20)];
+        let n = self.read(&mut tmp)?;
+        let mut done = 0;
+        for v in iov.iter() {
+            if done == n {
+                break;
+            }
+            let k = v.iov_len.min(n - done);
+            // SAFETY: the caller guarantees `v` describes `iov_len` writable bytes.
+            unsafe { std::ptr::copy_nonoverlapping(tmp[done..].as_ptr(), v.iov_base.cast(), k) };
+            done += k;
+        }
+        Ok(n)
+    }
+}
+
+impl StreamSource for &[u8] {}
+
+/// Reads all of the buffers `iov` describes (looping over short reads).
+///
+/// # Safety
+/// As [`StreamSource::read_iov`].
+pub unsafe fn read_iov_exact<R: StreamSource>(
+    r: &mut R,
+    mut iov: &mut [libc::iovec],
+) -> io::Result<()> {
+    while !iov.is_empty() {
+        // SAFETY: forwarded from the caller.
+        let n = match unsafe { r.read_iov(iov) } {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let mut left = n;
+        while left > 0 {
+            let first = &mut iov[0];
+            if left >= first.iov_len {
+                left -= first.iov_len;
+                iov = &mut iov[1..];
+            } else {
+                // SAFETY: advancing within the same buffer by fewer than iov_len bytes.
+                first.iov_base = unsafe { first.iov_base.cast::<u8>().add(left).cast() };
+                first.iov_len -= left;
+                left = 0;
+            }
+        }
+        while iov.first().is_some_and(|v| v.iov_len == 0) {
+            iov = &mut iov[1..];
+        }
+    }
+    Ok(())
+}
+
+/// A frame as read: RAM frames give their checked directory (the data follows in the
+/// stream, see [`FrameReader::read_ram_data`]); other frames their checked payload.
+#[derive(Debug)]
+pub enum Frame<'a> {
+    /// A RAM frame's directory.
+    Ram(RamDirectory),
+    /// Any other frame.
+    Other(FrameKind, &'a [u8]),
+}
+
 /// Reads frames and checks them.
-pub struct FrameReader<R: Read> {
+pub struct FrameReader<R: StreamSource> {
     r: R,
     buf: Vec<u8>,
     read: u64,
@@ -179,7 +241,7 @@ fn eof_as_truncated(e: std::io::Error, what: &'static str) -> StreamError {
     }
 }
 
-impl<R: Read> FrameReader<R> {
+impl<R: StreamSource> FrameReader<R> {
     /// A reader over `r`.
     pub fn new(r: R) -> Self {
         FrameReader {
@@ -199,22 +261,76 @@ impl<R: Read> FrameReader<R> {
         self.read
     }
 
-    /// Reads the next frame; returns its kind and checked payload.
-    pub fn next_frame(&mut self) -> Result<(FrameKind, &[u8])> {
+    fn read_exact(&mut self, n: usize, what: &'static str) -> Result<()> {
+        self.buf.resize(n, 0);
+        self.r
+            .read_exact(&mut self.buf)
+            .map_err(|e| eof_as_truncated(e, what))?;
+        Ok(())
+    }
+
+    /// Reads the next frame (a RAM frame's data must then be read with
+    /// [`FrameReader::read_ram_data`] before the next call).
+    pub fn next(&mut self, ram_size: u64) -> Result<Frame<'_>> {
         let mut head = [0u8; FRAME_HEADER_LEN];
         self.r
             .read_exact(&mut head)
             .map_err(|e| eof_as_truncated(e, "before the end of the stream"))?;
         let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
+        let kind = FrameKind::from_u8(head[0])
+            .ok_or_else(|| StreamError::Invalid(format!("unknown frame type {}", head[0])))?;
+        if head[1] != 0 || head[2] != 0 || head[3] != 0 {
+            return Err(StreamError::Invalid(
+                "reserved frame header bits set".into(),
+            ));
+        }
+        if kind == FrameKind::Ram {
+            self.read_exact(8, "in a RAM frame")?;
+            let count =
+                u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+            let data_len =
+                u32::from_le_bytes([self.buf[4], self.buf[5], self.buf[6], self.buf[7]]) as usize;
+            if count > MAX_ENTRIES || data_len > MAX_DATA {
+                return Err(StreamError::Invalid(format!(
+                    "RAM frame of {count} entries and {data_len} data bytes exceeds the limits"
+                )));
+            }
+            if len != 8 + count * ENTRY_LEN + FRAME_TRAILER_LEN + data_len {
+                return Err(StreamError::Invalid(
+                    "RAM frame length does not match its counts".into(),
+                ));
+            }
+            let counts = [
+                self.buf[0],
+                self.buf[1],
+                self.buf[2],
+                self.buf[3],
+                self.buf[4],
+                self.buf[5],
+                self.buf[6],
+                self.buf[7],
+            ];
+            self.read_exact(count * ENTRY_LEN + FRAME_TRAILER_LEN, "in a RAM directory")?;
+            let (entries, trailer) = self.buf.split_at(count * ENTRY_LEN);
+            let mut h = Xxh3::new();
+            h.update(&head);
+            h.update(&counts);
+            h.update(entries);
+            let mut t = [0u8; 8];
+            t.copy_from_slice(trailer);
+            if h.digest() != u64::from_le_bytes(t) {
+                return Err(StreamError::Checksum("a RAM frame directory"));
+            }
+            let dir = RamDirectory::decode(entries, count, data_len, ram_size)?;
+            self.read += (FRAME_HEADER_LEN + len - data_len) as u64;
+            return Ok(Frame::Ram(dir));
+        }
         if len > MAX_FRAME_PAYLOAD {
             return Err(StreamError::Invalid(format!(
                 "frame length {len} exceeds the {MAX_FRAME_PAYLOAD}-byte limit"
             )));
         }
-        self.buf.resize(len + FRAME_TRAILER_LEN, 0);
-        self.r
-            .read_exact(&mut self.buf)
-            .map_err(|e| eof_as_truncated(e, "inside a frame"))?;
+        self.read_exact(len + FRAME_TRAILER_LEN, "inside a frame")?;
         let (payload, trailer) = self.buf.split_at(len);
         let mut h = Xxh3::new();
         h.update(&head);
@@ -224,82 +340,142 @@ impl<R: Read> FrameReader<R> {
         if h.digest() != u64::from_le_bytes(t) {
             return Err(StreamError::Checksum("a frame"));
         }
-        let kind = FrameKind::from_u8(head[0])
-            .ok_or_else(|| StreamError::Invalid(format!("unknown frame type {}", head[0])))?;
-        if head[1] != 0 || head[2] != 0 || head[3] != 0 {
-            return Err(StreamError::Invalid(
-                "reserved frame header bits set".into(),
-            ));
-        }
         self.read += (FRAME_HEADER_LEN + len + FRAME_TRAILER_LEN) as u64;
-        Ok((kind, &self.buf[..len]))
+        Ok(Frame::Other(kind, &self.buf[..len]))
+    }
+
+    /// Reads a RAM frame's data area into the buffers `iov` describes (their lengths
+    /// must add up to the directory's `data_len`).
+    ///
+    /// # Safety
+    /// Every `iov` entry must describe writable memory that no Rust reference aliases.
+    pub unsafe fn read_ram_data(&mut self, iov: &mut [libc::iovec]) -> Result<()> {
+        let total: usize = iov.iter().map(|v| v.iov_len).sum();
+        // SAFETY: forwarded from the caller.
+        unsafe { read_iov_exact(&mut self.r, iov) }
+            .map_err(|e| eof_as_truncated(e, "inside RAM data"))?;
+        self.read += total as u64;
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stream::ram::RamRecord;
+
+    fn page_hash(p: &[u8]) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(p)
+    }
 
     fn sample_stream() -> Vec<u8> {
+        let page = [0xabu8; 4096];
         let mut w = FrameWriter::new(Vec::new());
-        w.ram_record(0x1000 | 0x8, &[&[0xab; 4096]]).unwrap();
-        w.ram_record(0x3000 | 0x2, &[&3u32.to_le_bytes()]).unwrap();
+        let entries = [
+            RamRecord::Page {
+                offset: 0x1000,
+                hash: page_hash(&page),
+            }
+            .entry(),
+            RamRecord::Zero {
+                offset: 0x3000,
+                count: 3,
+            }
+            .entry(),
+        ];
+        w.ram_frame(&entries, &[&page]).unwrap();
         w.frame(FrameKind::PassEnd, &1u64.to_le_bytes()).unwrap();
         w.frame(FrameKind::State, b"{\"x\":1}").unwrap();
         w.flush().unwrap();
         w.into_inner()
     }
 
-    #[test]
-    fn frames_round_trip() {
-        let s = sample_stream();
-        let mut r = FrameReader::new(&s[..]);
-        let (k, p) = r.next_frame().unwrap();
-        assert_eq!(k, FrameKind::Ram);
-        assert_eq!(p.len(), 8 + 4096 + 8 + 4);
-        assert_eq!(r.next_frame().unwrap().0, FrameKind::PassEnd);
-        let (k, p) = r.next_frame().unwrap();
-        assert_eq!((k, p), (FrameKind::State, &b"{\"x\":1}"[..]));
-        assert!(matches!(r.next_frame(), Err(StreamError::Truncated(_))));
-        assert_eq!(r.bytes_read(), s.len() as u64);
+    /// Reads the whole sample, placing RAM data in `mem`; returns the frames' kinds.
+    fn read_all(s: &[u8], mem: &mut [u8]) -> Result<Vec<FrameKind>> {
+        let mut r = FrameReader::new(s);
+        let mut kinds = Vec::new();
+        loop {
+            match r.next(1 << 20)? {
+                Frame::Ram(dir) => {
+                    kinds.push(FrameKind::Ram);
+                    let mut iov: Vec<libc::iovec> = dir
+                        .records
+                        .iter()
+                        .filter_map(|rec| match rec {
+                            RamRecord::Page { offset, .. } => Some(libc::iovec {
+                                iov_base: mem[*offset as usize..].as_mut_ptr().cast(),
+                                iov_len: 4096,
+                            }),
+                            _ => None,
+                        })
+                        .collect();
+                    // SAFETY: the iovecs point into `mem`, which nothing else borrows here.
+                    unsafe { r.read_ram_data(&mut iov)? };
+                }
+                Frame::Other(k, _) => {
+                    kinds.push(k);
+                    if k == FrameKind::State {
+                        return Ok(kinds);
+                    }
+                }
+            }
+        }
     }
 
     #[test]
-    fn any_flipped_byte_fails_the_stream() {
+    fn frames_round_trip_and_ram_data_lands_in_place() {
         let s = sample_stream();
-        for pos in (0..s.len()).step_by(7) {
+        let mut mem = vec![0u8; 1 << 16];
+        let kinds = read_all(&s, &mut mem).unwrap();
+        assert_eq!(
+            kinds,
+            [FrameKind::Ram, FrameKind::PassEnd, FrameKind::State]
+        );
+        assert!(mem[0x1000..0x2000].iter().all(|&b| b == 0xab));
+        assert!(mem[..0x1000].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn any_flipped_byte_outside_page_data_fails_the_stream() {
+        let s = sample_stream();
+        // The RAM frame: 8 header + 8 counts + 2 entries + 8 checksum, then 4096 page bytes.
+        let data_start = 8 + 8 + 2 * ENTRY_LEN + 8;
+        let data_end = data_start + 4096;
+        for pos in (0..s.len()).filter(|p| !(data_start..data_end).contains(p)) {
             let mut bad = s.clone();
             bad[pos] ^= 0x40;
-            let mut r = FrameReader::new(&bad[..]);
-            let mut failed = false;
-            for _ in 0..3 {
-                if r.next_frame().is_err() {
-                    failed = true;
-                    break;
-                }
-            }
-            assert!(failed, "flip at {pos} went unnoticed");
+            let mut mem = vec![0u8; 1 << 16];
+            assert!(
+                read_all(&bad, &mut mem).is_err(),
+                "flip at {pos} went unnoticed"
+            );
         }
     }
 
     #[test]
     fn truncation_anywhere_is_reported() {
         let s = sample_stream();
-        for cut in [1, 7, 8, 100, s.len() - 1] {
-            let mut r = FrameReader::new(&s[..cut]);
-            let res = (0..3).try_for_each(|_| r.next_frame().map(|_| ()));
+        for cut in [1, 7, 8, 20, 100, s.len() / 2, s.len() - 1] {
+            let mut mem = vec![0u8; 1 << 16];
+            let res = read_all(&s[..cut], &mut mem);
             assert!(
                 matches!(res, Err(StreamError::Truncated(_))),
-                "cut at {cut}"
+                "cut at {cut}: {res:?}"
             );
         }
     }
 
     #[test]
-    fn oversized_length_is_refused_without_allocating() {
-        let mut s = vec![1u8, 0, 0, 0];
+    fn oversized_lengths_are_refused_without_allocating() {
+        let mut s = vec![3u8, 0, 0, 0];
         s.extend_from_slice(&u32::MAX.to_le_bytes());
         let mut r = FrameReader::new(&s[..]);
-        assert!(matches!(r.next_frame(), Err(StreamError::Invalid(_))));
+        assert!(matches!(r.next(1 << 20), Err(StreamError::Invalid(_))));
+        let mut s = vec![1u8, 0, 0, 0];
+        s.extend_from_slice(&100u32.to_le_bytes());
+        s.extend_from_slice(&u32::MAX.to_le_bytes());
+        s.extend_from_slice(&0u32.to_le_bytes());
+        let mut r = FrameReader::new(&s[..]);
+        assert!(matches!(r.next(1 << 20), Err(StreamError::Invalid(_))));
     }
 }

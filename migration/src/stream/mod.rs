@@ -25,16 +25,15 @@
 //!
 //! A *frame* is `[type u8][flags u8][reserved u16][len u32] payload[len] [xxh3-64 u64]`; the
 //! checksum covers the 8-byte frame header and the payload, so a flipped bit anywhere in a
-//! frame is detected. Payloads are at most [`MAX_FRAME_PAYLOAD`] bytes. A RAM frame's payload
-//! is a sequence of records, each a u64 word `ram_offset | flags` (offsets are page aligned,
-//! flags live in the low 12 bits, as QEMU does) followed by data that depends on the flags:
+//! frame is detected. Payloads are at most [`MAX_FRAME_PAYLOAD`] bytes.
 //!
-//! ```text
-//!  ZERO     (0x002)  u32 count: `count` zero pages from ram_offset (QEMU sends one per record)
-//!  PAGE     (0x008)  4096 bytes
-//!  XBZRLE   (0x040)  u8 encoding (0x01), be16 length, encoded delta (QEMU's record)
-//!  COMPRESS (0x100)  u32 length, zlib data of one page (legacy `compress`)
-//! ```
+//! RAM frames differ (see [`ram`] for the layout and the reasoning): a directory of
+//! 24-byte entries `(ram_offset | flag, arg, hash)` with its own checksum, then the data
+//! area (pages, XBZRLE deltas, compressed pages) that the source sends straight from guest
+//! memory and the destination reads straight into guest memory. Each page carries its own
+//! hash; a page whose bytes do not match (the guest changed it while it was being sent, or
+//! the network corrupted it) stays *suspect* on the destination until sent again, and a
+//! page still suspect at END fails the migration.
 //!
 //! The *reply channel* (destination to source on the same connection) carries small
 //! messages: `[kind u8][reserved u8 x3][len u32] payload[len]` (LOADED, FAILED with a UTF-8
@@ -47,9 +46,9 @@ pub mod header;
 pub mod ram;
 pub mod reply;
 
-pub use frame::{FrameKind, FrameReader, FrameWriter, MAX_FRAME_PAYLOAD};
+pub use frame::{Frame, FrameKind, FrameReader, FrameWriter, StreamSource, MAX_FRAME_PAYLOAD};
 pub use header::{Header, HEADER_LEN, STREAM_MAGIC, STREAM_VERSION};
-pub use ram::{RamRecord, RamRecordReader};
+pub use ram::{RamDirectory, RamEntry, RamRecord};
 pub use reply::Reply;
 
 use thiserror::Error;

@@ -167,6 +167,19 @@ impl Channel {
     }
 }
 
+impl crate::stream::frame::StreamSource for Channel {
+    unsafe fn read_iov(&mut self, iov: &mut [libc::iovec]) -> io::Result<usize> {
+        let n = iov.len().min(1024);
+        // SAFETY: the caller guarantees the iovecs describe writable, unaliased memory;
+        // readv writes at most their total length.
+        let r = unsafe { libc::readv(self.raw_fd(), iov.as_ptr(), n as i32) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(r as usize)
+    }
+}
+
 impl Read for Channel {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
