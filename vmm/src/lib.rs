@@ -1,6 +1,7 @@
 //! The Ferry VMM: VM lifecycle, vCPU threads, the test guest, QMP server and CLI.
 
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod dirty;

@@ -1,5 +1,6 @@
 //! The `ferry` command line: one subcommand per file.
 
+pub mod bench;
 pub mod demo;
 pub mod migrate;
 pub mod probe;
@@ -30,6 +31,8 @@ pub enum Command {
     Migrate(migrate::MigrateArgs),
     /// Boot a dirtying guest, live-migrate it between two hosts, verify it, summarize.
     Demo(demo::DemoArgs),
+    /// End-to-end figures of real ferry processes (`ferry bench boot`).
+    Bench(bench::BenchArgs),
 }
 
 /// Runs the parsed command line; returns the process exit code.
@@ -40,5 +43,6 @@ pub fn main_with(cli: Cli) -> i32 {
         Command::Probe(a) => probe::run(a),
         Command::Migrate(a) => migrate::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }

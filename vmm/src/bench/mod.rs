@@ -1,0 +1,10 @@
+//! End-to-end figures of a real Ferry, behind `ferry bench`: one module per benchmark
+//! (`boot` now; `migrate` and others beside it), plus what they share (summary statistics,
+//! a process's memory from /proc).
+
+pub mod boot;
+pub mod proc_status;
+pub mod stats;
+
+pub use proc_status::ProcMemory;
+pub use stats::Summary;
