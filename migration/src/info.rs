@@ -200,25 +200,8 @@ pub struct MigrationStats {
     pub dirty_sync_missed_zero_copy: u64,
 }
 
-/// query-migrate's `xbzrle-cache` member (QAPI `XBZRLECacheStats`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct XbzrleCacheStats {
-    /// Cache size in bytes.
-    pub cache_size: u64,
-    /// Bytes of XBZRLE-encoded pages sent.
-    pub bytes: u64,
-    /// Pages sent XBZRLE-encoded.
-    pub pages: u64,
-    /// Pages not found in the cache.
-    pub cache_miss: u64,
-    /// Misses per page over the last period.
-    pub cache_miss_rate: f64,
-    /// Encoded-page bytes saved ratio over the last period.
-    pub encoding_rate: f64,
-    /// Pages whose encoding overflowed and were sent whole.
-    pub overflow: u64,
-}
+/// query-migrate's `xbzrle-cache` member (QAPI `XBZRLECacheStats`), kept by the XBZRLE encoder.
+pub use crate::xbzrle::XbzrleCacheStats;
 
 /// A socket address as QAPI's `SocketAddress` union serialises it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

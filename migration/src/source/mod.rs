@@ -21,6 +21,8 @@ use crate::vm::SourceVm;
 /// Figures the migration thread publishes for query-migrate.
 #[derive(Debug, Default)]
 struct Live {
+    xbzrle: Mutex<Option<crate::info::XbzrleCacheStats>>,
+    xbzrle_resize: AtomicU64,
     expected_downtime_ms: AtomicU64,
     mbps_bits: AtomicU64,
     pages_per_second: AtomicU64,
@@ -134,6 +136,18 @@ impl Shared {
         self.vm.set_throttle(pct);
     }
 
+    /// A new XBZRLE cache size requested through migrate-set-parameters, if any.
+    pub(crate) fn take_xbzrle_resize(&self) -> Option<u64> {
+        match self.live.xbzrle_resize.swap(0, Ordering::AcqRel) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+
+    pub(crate) fn publish_xbzrle(&self, stats: crate::info::XbzrleCacheStats) {
+        *self.live.xbzrle.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
+    }
+
     pub(crate) fn throttle(&self) -> u8 {
         self.live.throttle.load(Ordering::Relaxed)
     }
@@ -163,6 +177,12 @@ struct Hooks(Arc<Shared>);
 impl OptionsHooks for Hooks {
     fn max_bandwidth_changed(&self, bytes_per_second: u64) {
         self.0.limiter.set_limit(bytes_per_second);
+    }
+
+    fn xbzrle_cache_size_changed(&self, bytes: u64) -> Result<(), String> {
+        // The migration thread owns the cache; it applies the new size before its next page.
+        self.0.live.xbzrle_resize.store(bytes, Ordering::Release);
+        Ok(())
     }
 }
 
@@ -331,7 +351,7 @@ impl Outgoing {
             expected_downtime_ms: live.expected_downtime_ms.load(Ordering::Relaxed),
             downtime_ms: s.downtime_ms,
             ram: stats,
-            xbzrle_cache: None,
+            xbzrle_cache: *live.xbzrle.lock().unwrap_or_else(|p| p.into_inner()),
             cpu_throttle_percentage: live.throttle.load(Ordering::Relaxed),
             error_desc: s.error,
             blocked_reasons: Vec::new(),

@@ -9,7 +9,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use ram::{AtomicBitmap, PAGE_SIZE};
 use serde_json::json;
 
-use super::ram_sender::RamSender;
+use super::ram_sender::{RamSender, XbzrleStage};
 use super::Shared;
 use crate::auto_converge::{AutoConverge, ThrottleParams};
 use crate::convergence::{
@@ -21,10 +21,12 @@ use crate::info::{MigrationStatus, Phase};
 use crate::options::Capability;
 use crate::stream::frame::{FrameKind, FrameWriter};
 use crate::stream::header::{
-    Header, FEATURE_SWITCHOVER_ACK, FEATURE_VALIDATE_UUID, HEADER_LEN, STREAM_VERSION,
+    Header, FEATURE_SWITCHOVER_ACK, FEATURE_VALIDATE_UUID, FEATURE_XBZRLE, HEADER_LEN,
+    STREAM_VERSION,
 };
 use crate::stream::Reply;
 use crate::transport::{self, Channel, MigrationUri};
+use crate::xbzrle::XbzrleEncoder;
 
 /// How long the source waits for the destination to confirm it loaded everything.
 const LOADED_TIMEOUT: Duration = Duration::from_secs(60);
@@ -248,6 +250,15 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
     if want_ack {
         features |= FEATURE_SWITCHOVER_ACK;
     }
+    let mut xbzrle = if caps.get(Capability::Xbzrle) {
+        features |= FEATURE_XBZRLE;
+        Some(
+            XbzrleEncoder::new(shared.options.params().xbzrle_cache_size)
+                .map_err(|e| MigrationError::Config(format!("XBZRLE cache: {e}")))?,
+        )
+    } else {
+        None
+    };
     let header = Header {
         version: STREAM_VERSION,
         features,
@@ -297,7 +308,21 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
 
     loop {
         pass += 1;
+        if let (Some(enc), Some(size)) = (xbzrle.as_mut(), shared.take_xbzrle_resize()) {
+            enc.resize_cache(size)
+                .map_err(|e| MigrationError::Config(format!("resizing the XBZRLE cache: {e}")))?;
+        }
+        let pages_before = shared.counters.total_pages();
+        let xbzrle_pages;
         {
+            // QEMU starts XBZRLE after the first pass (xbzrle_started).
+            let stage = match xbzrle.as_mut() {
+                Some(encoder) if pass > 1 => Some(XbzrleStage {
+                    encoder,
+                    generation: shared.counters.dirty_sync_count(),
+                }),
+                _ => None,
+            };
             let mut sender = RamSender::new(
                 &ram,
                 &mut out,
@@ -306,7 +331,8 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
                 &shared.cancel,
                 Phase::Precopy,
             )
-            .with_tracker(tracker.as_ref());
+            .with_tracker(tracker.as_ref())
+            .with_xbzrle(stage);
             let cur_pending = pending_bytes;
             if pass == 1 {
                 // Pages never touched read as zero: send them as zero runs without reading
@@ -326,6 +352,11 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
                     Ok(())
                 })
                 .map_err(|e| replies.explain(e))?;
+            xbzrle_pages = sender.xbzrle_pages;
+        }
+        if let Some(enc) = xbzrle.as_mut() {
+            enc.update_rates(shared.counters.total_pages() - pages_before + xbzrle_pages);
+            shared.publish_xbzrle(enc.stats());
         }
         out.frame(FrameKind::PassEnd, &pass.to_le_bytes())
             .map_err(|e| replies.explain(e.into()))?;
@@ -412,13 +443,23 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
             &shared.limiter,
             &shared.cancel,
             Phase::Downtime,
-        );
+        )
+        .with_xbzrle(xbzrle.as_mut().map(|encoder| {
+            encoder.set_last_stage(true);
+            XbzrleStage {
+                encoder,
+                generation: shared.counters.dirty_sync_count(),
+            }
+        }));
         // The vCPUs are stopped: nothing needs re-arming before these last pages go.
         sender
             .send_bitmap(&bitmap, |_| Ok(()))
             .map_err(|e| replies.explain(e))?;
     }
     tracker.stop();
+    if let Some(enc) = &xbzrle {
+        shared.publish_xbzrle(enc.stats());
+    }
     let state = shared.vm.save_state().map_err(MigrationError::Vm)?;
     let before = out.bytes_written();
     out.frame(FrameKind::State, &state)
