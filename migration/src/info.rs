@@ -407,7 +407,7 @@ impl MigrationInfo {
             ram.dirty_pages_rate = 0;
         }
         self.ram = Some(ram);
-        self.xbzrle_cache = src.xbzrle_cache.clone();
+        self.xbzrle_cache = src.xbzrle_cache;
         if src.cpu_throttle_percentage != 0 {
             self.cpu_throttle_percentage = Some(src.cpu_throttle_percentage);
         }
