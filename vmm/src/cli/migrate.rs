@@ -317,9 +317,18 @@ pub fn summary(o: &Outcome) -> String {
     }
     text.push('\n');
     let ms = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| format!("{v} ms"));
-    let _ = writeln!(text, "  total time        {}", ms(s.total_time_ms));
-    let _ = writeln!(text, "  setup time        {}", ms(s.setup_time_ms));
-    if s.status == "completed" {
+    if s.status != "completed" {
+        // Only `status` (and `error-desc`) remain once a migration failed or was cancelled.
+        let sent = o.samples.iter().map(|x| x.snapshot.transferred).max();
+        let _ = writeln!(
+            text,
+            "  transferred       {} before it ended, after {:.1} s",
+            human_bytes(sent.unwrap_or(0)),
+            o.elapsed.as_secs_f64()
+        );
+    } else {
+        let _ = writeln!(text, "  total time        {}", ms(s.total_time_ms));
+        let _ = writeln!(text, "  setup time        {}", ms(s.setup_time_ms));
         let _ = writeln!(text, "  downtime          {}", ms(s.downtime_ms));
         let _ = writeln!(
             text,
