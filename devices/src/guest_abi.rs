@@ -97,6 +97,9 @@ pub mod mailbox {
     pub const VERIFY_FIRST_BAD: u64 = 0x90;
     /// Minimum wait, in TSC ticks, worth an exit to the sleep port (0 = never sleep, spin); host.
     pub const SLEEP_MIN_TICKS: u64 = 0x98;
+    /// Non-zero for the sparse pattern: after a page's first write, later generations only
+    /// rewrite word 0 (8 bytes per page: the workload XBZRLE is made for); host.
+    pub const SPARSE: u64 = 0xa0;
 }
 
 /// Value of [`mailbox::MAGIC`].
@@ -116,35 +119,50 @@ pub const fn page_seed(page: u64, generation: u64) -> u64 {
     (page.wrapping_add(1)).wrapping_mul(SEED_PAGE_MUL) ^ generation.wrapping_mul(SEED_GEN_MUL)
 }
 
+/// How the workload rewrites pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pattern {
+    /// Every generation rewrites the whole page.
+    #[default]
+    Full,
+    /// Every generation after the first rewrites only word 0 (the generation).
+    Sparse,
+}
+
 /// Word `index` (0..512) of working-set page `page` at generation `generation`.
 ///
 /// Generation 0 is all zeros; otherwise word 0 is the generation, word 1 the
-/// page number, and word i >= 2 is `seed + i * WORD_STEP`.
-pub const fn page_word(page: u64, generation: u64, index: u64) -> u64 {
+/// page number, and word i >= 2 is `seed + i * WORD_STEP`, where the seed mixes the page
+/// number with the generation (full pattern) or with 1 (sparse pattern).
+pub const fn page_word(page: u64, generation: u64, index: u64, pattern: Pattern) -> u64 {
     if generation == 0 {
         return 0;
     }
+    let data_gen = match pattern {
+        Pattern::Full => generation,
+        Pattern::Sparse => 1,
+    };
     match index {
         0 => generation,
         1 => page,
-        i => page_seed(page, generation).wrapping_add(i.wrapping_mul(WORD_STEP)),
+        i => page_seed(page, data_gen).wrapping_add(i.wrapping_mul(WORD_STEP)),
     }
 }
 
 /// Fills `out` (4096 bytes) with the contents of `page` at `generation`.
-pub fn fill_page(page: u64, generation: u64, out: &mut [u8]) {
+pub fn fill_page(page: u64, generation: u64, pattern: Pattern, out: &mut [u8]) {
     for (i, w) in out.chunks_exact_mut(8).enumerate() {
-        w.copy_from_slice(&page_word(page, generation, i as u64).to_le_bytes());
+        w.copy_from_slice(&page_word(page, generation, i as u64, pattern).to_le_bytes());
     }
 }
 
 /// Checks `bytes` (4096) against `page` at `generation`.
-pub fn page_matches(page: u64, generation: u64, bytes: &[u8]) -> bool {
+pub fn page_matches(page: u64, generation: u64, pattern: Pattern, bytes: &[u8]) -> bool {
     bytes.len() == (WORDS_PER_PAGE * 8) as usize
         && bytes.chunks_exact(8).enumerate().all(|(i, w)| {
             let mut b = [0u8; 8];
             b.copy_from_slice(w);
-            u64::from_le_bytes(b) == page_word(page, generation, i as u64)
+            u64::from_le_bytes(b) == page_word(page, generation, i as u64, pattern)
         })
 }
 
@@ -164,26 +182,48 @@ mod tests {
     #[test]
     fn generation_zero_is_a_zero_page() {
         let mut p = vec![1u8; 4096];
-        fill_page(7, 0, &mut p);
+        fill_page(7, 0, Pattern::Full, &mut p);
         assert!(p.iter().all(|&b| b == 0));
-        assert!(page_matches(7, 0, &p));
+        assert!(page_matches(7, 0, Pattern::Full, &p));
     }
 
     #[test]
     fn pages_differ_by_page_and_generation() {
         let mut a = vec![0u8; 4096];
         let mut b = vec![0u8; 4096];
-        fill_page(7, 3, &mut a);
-        fill_page(8, 3, &mut b);
+        fill_page(7, 3, Pattern::Full, &mut a);
+        fill_page(8, 3, Pattern::Full, &mut b);
         assert_ne!(a, b);
-        assert!(page_matches(7, 3, &a));
-        assert!(!page_matches(7, 2, &a), "an older generation must not pass");
+        assert!(page_matches(7, 3, Pattern::Full, &a));
         assert!(
-            !page_matches(8, 3, &a),
+            !page_matches(7, 2, Pattern::Full, &a),
+            "an older generation must not pass"
+        );
+        assert!(
+            !page_matches(8, 3, Pattern::Full, &a),
             "another page's contents must not pass"
         );
         a[4000] ^= 0x10;
-        assert!(!page_matches(7, 3, &a), "a flipped bit must not pass");
+        assert!(
+            !page_matches(7, 3, Pattern::Full, &a),
+            "a flipped bit must not pass"
+        );
+    }
+
+    #[test]
+    fn sparse_generations_differ_in_one_word() {
+        let mut a = vec![0u8; 4096];
+        let mut b = vec![0u8; 4096];
+        fill_page(7, 3, Pattern::Sparse, &mut a);
+        fill_page(7, 4, Pattern::Sparse, &mut b);
+        let differing = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+        assert!(differing > 0 && differing <= 8);
+        assert!(page_matches(7, 4, Pattern::Sparse, &b));
+        assert!(
+            !page_matches(7, 3, Pattern::Sparse, &b),
+            "the generation word is checked"
+        );
+        assert!(!page_matches(7, 4, Pattern::Full, &b));
     }
 
     #[test]

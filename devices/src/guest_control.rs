@@ -136,6 +136,7 @@ impl GuestControl {
         ticks_per_page: u64,
         max_skew_ticks: u64,
         sleep_min_ticks: u64,
+        pattern: guest_abi::Pattern,
         banner: Option<(u64, u64)>,
     ) -> Result<(), ControlError> {
         for (i, s) in self.layout.slices.iter().enumerate() {
@@ -160,6 +161,10 @@ impl GuestControl {
             w(mailbox::BANNER_LEN, len)?;
             w(mailbox::REPORT_PASSES, 1)?;
             w(mailbox::SLEEP_MIN_TICKS, sleep_min_ticks)?;
+            w(
+                mailbox::SPARSE,
+                u64::from(pattern == guest_abi::Pattern::Sparse),
+            )?;
         }
         Ok(())
     }
@@ -276,6 +281,11 @@ impl GuestControl {
                 continue;
             }
             let pos = self.read(i, mailbox::PAGES_WRITTEN)?;
+            let pattern = if self.read(i, mailbox::SPARSE)? != 0 {
+                guest_abi::Pattern::Sparse
+            } else {
+                guest_abi::Pattern::Full
+            };
             let gen = pos / s.pages + 1;
             let index = pos % s.pages;
             for j in (0..s.pages).filter(|&j| j != index) {
@@ -284,7 +294,7 @@ impl GuestControl {
                 let ok = self
                     .ram
                     .page(self.layout.ram_page(page_no))
-                    .is_some_and(|bytes| guest_abi::page_matches(page_no, expect, bytes));
+                    .is_some_and(|bytes| guest_abi::page_matches(page_no, expect, pattern, bytes));
                 report.pages_checked += 1;
                 if !ok {
                     report.bad_pages += 1;

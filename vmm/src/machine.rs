@@ -42,6 +42,8 @@ pub struct Workload {
     pub working_set: u64,
     /// Pages written per second by the whole guest (0 = as fast as possible).
     pub rate: u64,
+    /// How pages are rewritten (full pages, or one word after the first write).
+    pub pattern: devices::guest_abi::Pattern,
 }
 
 /// Everything needed to build a machine.
@@ -212,6 +214,7 @@ impl Machine {
                     (ws_pages * 4096) >> 20,
                     config.workload.rate
                 ),
+                pattern: config.workload.pattern,
             };
             let c = guest::load_guest(&ram, &gcfg)?;
             let _ = control.set(Arc::new(c));
@@ -241,7 +244,6 @@ impl Machine {
             let ev = events.clone();
             let ctx = Arc::new(VcpuContext {
                 bus: bus.clone(),
-                cpuid: cpuid.clone(),
                 msr_list: msr_list.clone(),
                 irqchip: vm.has_irqchip(),
                 tsc_khz,
@@ -553,9 +555,16 @@ impl Workload {
                         .parse()
                         .map_err(|_| format!("rate: '{v}' is not a number of pages per second"))?;
                 }
+                "pattern" => {
+                    w.pattern = match v {
+                        "full" => devices::guest_abi::Pattern::Full,
+                        "sparse" => devices::guest_abi::Pattern::Sparse,
+                        _ => return Err(format!("pattern: '{v}' is not full or sparse")),
+                    }
+                }
                 _ => {
                     return Err(format!(
-                        "unknown workload option '{k}' (known: working-set, rate)"
+                        "unknown workload option '{k}' (known: working-set, rate, pattern)"
                     ))
                 }
             }
@@ -573,14 +582,21 @@ mod tests {
         let d = Workload {
             working_set: 1,
             rate: 2,
+            pattern: devices::guest_abi::Pattern::Full,
         };
         assert_eq!(
             Workload::parse("working-set=256M,rate=20000", d).unwrap(),
             Workload {
                 working_set: 256 << 20,
-                rate: 20000
+                rate: 20000,
+                pattern: devices::guest_abi::Pattern::Full,
             }
         );
+        assert_eq!(
+            Workload::parse("pattern=sparse", d).unwrap().pattern,
+            devices::guest_abi::Pattern::Sparse
+        );
+        assert!(Workload::parse("pattern=odd", d).is_err());
         assert_eq!(Workload::parse("rate=5", d).unwrap().working_set, 1);
         assert!(Workload::parse("rate=fast", d).is_err());
         assert!(Workload::parse("speed=1", d).is_err());

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use devices::guest_abi::SLEEP_PORT;
 use devices::PortBus;
-use kvm_bindings::{CpuId, KVM_EXIT_DIRTY_RING_FULL};
+use kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use thiserror::Error;
 
@@ -81,8 +81,6 @@ pub type RingFullHandler = Box<dyn Fn(usize) -> Result<(), String> + Send + Sync
 pub struct VcpuContext {
     /// Port I/O routing.
     pub bus: Arc<PortBus>,
-    /// The vCPU's CPUID.
-    pub cpuid: CpuId,
     /// MSRs to save.
     pub msr_list: Vec<u32>,
     /// Whether the in-kernel irqchip exists.
@@ -310,7 +308,7 @@ fn service(fd: &mut VcpuFd, s: &Shared, ctx: &VcpuContext) -> bool {
                     let _ = tx.send(vcpu::save(fd, s.id as u32, &ctx.msr_list, ctx.irqchip));
                 }
                 Request::Restore(state, tx) => {
-                    let _ = tx.send(vcpu::restore(fd, &ctx.cpuid, &state, ctx.irqchip));
+                    let _ = tx.send(vcpu::restore(fd, &state, ctx.irqchip));
                 }
             }
         }

@@ -27,7 +27,8 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub vcpus: usize,
-    /// The test guest's workload: working-set=SIZE,rate=PAGES_PER_SEC (rate 0 = as fast as possible).
+    /// The test guest's workload: working-set=SIZE,rate=PAGES_PER_SEC[,pattern=full|sparse]
+    /// (rate 0 = as fast as possible; sparse rewrites one word per page after the first pass).
     /// Default: a working set of half the memory (at most 256 MiB) at 10000 pages/s.
     #[arg(long)]
     pub workload: Option<String>,
@@ -96,9 +97,24 @@ fn build(a: &RunArgs) -> Result<(MachineConfig, Option<String>, [u8; 16]), Strin
         Workload {
             working_set: default_ws,
             rate: 10_000,
+            pattern: devices::guest_abi::Pattern::Full,
         },
     )
     .map_err(|e| format!("--workload: {e}"))?;
+    if workload.working_set > max_ws {
+        return Err(format!(
+            "--workload: a working set of {} MiB does not fit in {} MiB of memory (at most {} MiB)",
+            workload.working_set >> 20,
+            memory.size >> 20,
+            max_ws >> 20
+        ));
+    }
+    if a.vcpus == 0 || a.vcpus > crate::guest::layout::MAX_VCPUS {
+        return Err(format!(
+            "--vcpus must be between 1 and {}",
+            crate::guest::layout::MAX_VCPUS
+        ));
+    }
     let serial: SerialOutput = a.serial.parse().map_err(|e| format!("--serial: {e}"))?;
     let uuid = match &a.uuid {
         None => [0u8; 16],

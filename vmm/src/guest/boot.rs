@@ -23,6 +23,8 @@ pub struct GuestConfig {
     pub tsc_khz: u64,
     /// Banner printed on the serial port by vCPU 0.
     pub banner: String,
+    /// How pages are rewritten.
+    pub pattern: devices::guest_abi::Pattern,
 }
 
 /// Errors while loading the guest.
@@ -186,6 +188,7 @@ pub fn load_guest(ram: &Arc<GuestRam>, cfg: &GuestConfig) -> Result<GuestControl
         ticks_per_page,
         max_skew,
         sleep_min,
+        cfg.pattern,
         Some((BANNER_GPA, banner_len as u64)),
     )?;
     Ok(control)

@@ -15,7 +15,8 @@
 //!             if no pages -> sleep, loop
 //!             if TICKS_PER_PAGE != 0: pace against the deadline (sleep through the
 //!               sleep port when far ahead; re-base when the TSC jumped)
-//!             write page[index] = f(first+index, generation); PAGES_WRITTEN += 1
+//!             write page[index] = f(first+index, generation) (sparse pattern: after the
+//!               first generation only word 0 changes); PAGES_WRITTEN += 1
 //!             index += 1; at the end of the slice: index = 0, generation += 1,
 //!               out CONTROL_PORT, PassDone
 //! verify:     check every page of the slice against its expected generation,
@@ -66,6 +67,10 @@ pub fn assemble(base: u64) -> Result<Vec<u8>, IcedError> {
     let mut wait = a.create_label();
     let mut spin = a.create_label();
     let mut fill = a.create_label();
+    let mut full_write = a.create_label();
+    let mut data_gen_ready = a.create_label();
+    let mut written = a.create_label();
+    let mut vdata_gen_ready = a.create_label();
     let mut vloop = a.create_label();
     let mut vgen_ok = a.create_label();
     let mut vnonzero = a.create_label();
@@ -149,7 +154,18 @@ pub fn assemble(base: u64) -> Result<Vec<u8>, IcedError> {
     a.shl(rdi, 12)?;
     a.add(rdi, r14)?;
     a.lea(rsi, qword_ptr(r11 + r13))?;
-    seed_word2(&mut a, r12)?;
+    // Sparse pattern: after generation 1 only word 0 changes.
+    a.mov(r10, r12)?; // generation mixed into the data words
+    a.cmp(m(r15, mb::SPARSE), 0)?;
+    a.je(full_write)?;
+    a.cmp(r12, 1i32)?;
+    a.ja(written)?;
+    a.set_label(&mut full_write)?;
+    a.cmp(m(r15, mb::SPARSE), 0)?;
+    a.je(data_gen_ready)?;
+    a.mov(r10d, 1u32)?;
+    a.set_label(&mut data_gen_ready)?;
+    seed_word2(&mut a, r10)?;
     a.lea(r9, qword_ptr(rdi + 16))?;
     a.mov(ecx, (WORDS_PER_PAGE - 2) as u32)?;
     a.set_label(&mut fill)?;
@@ -159,6 +175,7 @@ pub fn assemble(base: u64) -> Result<Vec<u8>, IcedError> {
     a.dec(ecx)?;
     a.jnz(fill)?;
     a.mov(qword_ptr(rdi + 8), rsi)?;
+    a.set_label(&mut written)?;
     a.mov(qword_ptr(rdi), r12)?;
     a.inc(m(r15, mb::PAGES_WRITTEN))?;
     a.inc(r13)?;
@@ -212,6 +229,10 @@ pub fn assemble(base: u64) -> Result<Vec<u8>, IcedError> {
     a.jne(vbad)?;
     a.cmp(qword_ptr(rdi + 8), rsi)?;
     a.jne(vbad)?;
+    a.cmp(m(r15, mb::SPARSE), 0)?;
+    a.je(vdata_gen_ready)?;
+    a.mov(ecx, 1u32)?; // sparse: the data words carry generation 1
+    a.set_label(&mut vdata_gen_ready)?;
     seed_word2(&mut a, rcx)?;
     a.add(rdi, 16)?;
     a.mov(edx, (WORDS_PER_PAGE - 2) as u32)?;

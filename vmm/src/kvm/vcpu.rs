@@ -90,14 +90,14 @@ pub fn save(fd: &VcpuFd, id: u32, msr_list: &[u32], irqchip: bool) -> Result<Vcp
     })
 }
 
-/// Restores state saved by [`save`] into a freshly created vCPU (CPUID already set).
-pub fn restore(fd: &VcpuFd, cpuid: &CpuId, state: &VcpuState, irqchip: bool) -> Result<()> {
+/// Restores state saved by [`save`] into a vCPU whose CPUID was set when it was created
+/// (KVM refuses a different CPUID once a vCPU has run, so it is not set again here).
+pub fn restore(fd: &VcpuFd, state: &VcpuState, irqchip: bool) -> Result<()> {
     if state.lapic.is_some() != irqchip {
         return Err(KvmError::BadState(
             "LAPIC state present on one side only (in-kernel irqchip differs)".into(),
         ));
     }
-    fd.set_cpuid2(cpuid).ctx("KVM_SET_CPUID2")?;
     fd.set_mp_state(state.mp_state).ctx("KVM_SET_MP_STATE")?;
     fd.set_regs(&state.regs).ctx("KVM_SET_REGS")?;
     fd.set_sregs(&state.sregs).ctx("KVM_SET_SREGS")?;

@@ -53,6 +53,7 @@ pub fn config(vcpus: usize, ws_mib: u64, rate: u64) -> MachineConfig {
         workload: Workload {
             working_set: ws_mib << 20,
             rate,
+            pattern: devices::guest_abi::Pattern::Full,
         },
         serial: SerialOutput::None,
         vm: VmOptions::default(),
