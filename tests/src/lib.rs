@@ -5,9 +5,13 @@
 //! QMP, and need `/dev/kvm`. When the host truly lacks a feature a test prints
 //! why and returns early ([`skip_unless`]).
 
+pub mod netns;
 pub mod process;
+pub mod proxy;
 
+pub use netns::{host_pair_or_skip, one_guest_test_at_a_time, HostPair};
 pub use process::{Ferry, FerryOptions};
+pub use proxy::{Faults, Proxy};
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -288,7 +288,9 @@ impl HostPair {
         self.b.veth.as_deref().unwrap_or("")
     }
 
-    /// Cuts the link: both veth ends go down (sockets stay open, packets stop).
+    /// Cuts the cable: the second host's end goes down, so the first host's end loses its
+    /// carrier but keeps its address and route. Sockets stay open; packets stop; a new
+    /// connection from the first host hangs (its SYNs go nowhere) instead of failing at once.
     pub fn link_down(&self) -> Result<(), HostPairError> {
         self.set_link("down")
     }
@@ -302,7 +304,6 @@ impl HostPair {
         if !self.is_netns() {
             return Err(HostPairError::Loopback);
         }
-        ip(&["-n", self.netns_a(), "link", "set", self.veth_a(), state])?;
         ip(&["-n", self.netns_b(), "link", "set", self.veth_b(), state])
     }
 

@@ -1,0 +1,346 @@
+//! A small fault-injecting TCP proxy for migration fault tests.
+//!
+//! [`Proxy::start`] listens on 127.0.0.1 and forwards every connection to a
+//! target, both ways. In the client-to-target direction (source to
+//! destination) it can, per [`Faults`]:
+//! - flip one byte at a given stream offset (XOR with a mask),
+//! - close both directions after a given number of bytes (a truncated stream),
+//! - delay every chunk,
+//! - stall: stop forwarding (and reading) after a given number of bytes, or
+//!   from the moment [`Proxy::set_stall`] is called, leaving the connections
+//!   open (a peer that stops reading).
+//!
+//! Offsets count bytes of one connection's client-to-target stream from 0.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// The faults a proxy injects into the client-to-target direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// XOR the byte at this offset with `flip_mask`.
+    pub flip_at: Option<u64>,
+    /// The mask for `flip_at` (0 means 0xff).
+    pub flip_mask: u8,
+    /// Forward exactly this many bytes, then close both directions.
+    pub close_after: Option<u64>,
+    /// Sleep this long before forwarding each chunk.
+    pub delay: Duration,
+    /// Forward this many bytes, then stop reading and forwarding (connections stay open).
+    pub stall_after: Option<u64>,
+}
+
+/// What the proxy has seen.
+#[derive(Debug, Default)]
+struct Stats {
+    forwarded_up: AtomicU64,
+    forwarded_down: AtomicU64,
+    connections: AtomicU64,
+    flipped: AtomicBool,
+    closed_early: AtomicBool,
+}
+
+struct Shared {
+    faults: Faults,
+    stats: Stats,
+    stall: AtomicBool,
+    stop: AtomicBool,
+    /// Every socket of every connection, to shut them down on [`Proxy::cut`] or drop.
+    sockets: Mutex<Vec<TcpStream>>,
+}
+
+/// A running proxy; stops and closes every connection on drop.
+pub struct Proxy {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Listens on 127.0.0.1 (a free port) and forwards to `target` with `faults`.
+    pub fn start(target: SocketAddr, faults: Faults) -> io::Result<Proxy> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            faults,
+            stats: Stats::default(),
+            stall: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            sockets: Mutex::new(Vec::new()),
+        });
+        let s = shared.clone();
+        let acceptor = std::thread::Builder::new()
+            .name("proxy-accept".into())
+            .spawn(move || accept_loop(listener, target, s))?;
+        Ok(Proxy {
+            addr,
+            shared,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The migration URI of this proxy (`tcp:127.0.0.1:PORT`).
+    pub fn uri(&self) -> String {
+        format!("tcp:{}", self.addr)
+    }
+
+    /// Bytes forwarded client-to-target so far (all connections).
+    pub fn forwarded_up(&self) -> u64 {
+        self.shared.stats.forwarded_up.load(Ordering::Acquire)
+    }
+
+    /// Bytes forwarded target-to-client so far (all connections).
+    pub fn forwarded_down(&self) -> u64 {
+        self.shared.stats.forwarded_down.load(Ordering::Acquire)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.shared.stats.connections.load(Ordering::Acquire)
+    }
+
+    /// Whether the byte at `flip_at` went through (flipped).
+    pub fn flipped(&self) -> bool {
+        self.shared.stats.flipped.load(Ordering::Acquire)
+    }
+
+    /// Whether a connection was closed by `close_after`.
+    pub fn closed_early(&self) -> bool {
+        self.shared.stats.closed_early.load(Ordering::Acquire)
+    }
+
+    /// Stops (or resumes) forwarding in both directions, leaving the connections open.
+    pub fn set_stall(&self, stall: bool) {
+        self.shared.stall.store(stall, Ordering::Release);
+    }
+
+    /// Closes every connection now (both directions of both sides).
+    pub fn cut(&self) {
+        for s in self
+            .shared
+            .sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.cut();
+        // Wake the acceptor.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, target: SocketAddr, shared: Arc<Shared>) {
+    for client in listener.incoming() {
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(client) = client else { continue };
+        let Ok(upstream) = TcpStream::connect_timeout(&target, Duration::from_secs(5)) else {
+            let _ = client.shutdown(Shutdown::Both);
+            continue;
+        };
+        shared.stats.connections.fetch_add(1, Ordering::AcqRel);
+        let _ = client.set_nodelay(true);
+        let _ = upstream.set_nodelay(true);
+        let clones = (
+            client.try_clone(),
+            upstream.try_clone(),
+            client.try_clone(),
+            upstream.try_clone(),
+        );
+        let (Ok(c2), Ok(u2), Ok(c3), Ok(u3)) = clones else {
+            continue;
+        };
+        shared
+            .sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend([c3, u3]);
+        let s = shared.clone();
+        let _ = std::thread::Builder::new()
+            .name("proxy-up".into())
+            .spawn(move || pump(client, upstream, &s, true));
+        let s = shared.clone();
+        let _ = std::thread::Builder::new()
+            .name("proxy-down".into())
+            .spawn(move || pump(u2, c2, &s, false));
+    }
+}
+
+/// Copies `from` to `to`; `up` is the client-to-target direction, where faults apply.
+fn pump(mut from: TcpStream, mut to: TcpStream, shared: &Shared, up: bool) {
+    let f = shared.faults;
+    let mut offset = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    let stalled = |offset: u64| {
+        shared.stall.load(Ordering::Acquire) || (up && f.stall_after.is_some_and(|n| offset >= n))
+    };
+    loop {
+        while stalled(offset) {
+            if shared.stop.load(Ordering::Acquire) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut want = buf.len();
+        if up {
+            // Never read past a point where a fault must happen.
+            for limit in [f.close_after, f.stall_after].into_iter().flatten() {
+                if limit > offset {
+                    want = want.min((limit - offset) as usize);
+                }
+            }
+        }
+        let n = match from.read(&mut buf[..want]) {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown(Shutdown::Write);
+                return;
+            }
+            Ok(n) => n,
+        };
+        let chunk = &mut buf[..n];
+        if up {
+            if let Some(at) = f.flip_at {
+                if at >= offset && at < offset + n as u64 {
+                    let mask = if f.flip_mask == 0 { 0xff } else { f.flip_mask };
+                    chunk[(at - offset) as usize] ^= mask;
+                    shared.stats.flipped.store(true, Ordering::Release);
+                }
+            }
+        }
+        if !f.delay.is_zero() {
+            std::thread::sleep(f.delay);
+        }
+        if to.write_all(chunk).is_err() {
+            let _ = from.shutdown(Shutdown::Both);
+            return;
+        }
+        offset += n as u64;
+        let counter = if up {
+            &shared.stats.forwarded_up
+        } else {
+            &shared.stats.forwarded_down
+        };
+        counter.fetch_add(n as u64, Ordering::AcqRel);
+        if up && f.close_after.is_some_and(|c| offset >= c) {
+            shared.stats.closed_early.store(true, Ordering::Release);
+            let _ = to.shutdown(Shutdown::Both);
+            let _ = from.shutdown(Shutdown::Both);
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An echo-less sink that records what it received and answers "ok" once.
+    fn sink() -> (SocketAddr, JoinHandle<Vec<u8>>) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().expect("accept");
+            let _ = s.write_all(b"ok");
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got);
+            got
+        });
+        (addr, t)
+    }
+
+    fn send_through(p: &Proxy, data: &[u8]) -> Vec<u8> {
+        let mut c = TcpStream::connect(p.addr()).expect("connect");
+        let mut reply = [0u8; 2];
+        c.read_exact(&mut reply).expect("reply through the proxy");
+        assert_eq!(&reply, b"ok");
+        let _ = c.write_all(data);
+        let _ = c.shutdown(Shutdown::Write);
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest);
+        rest
+    }
+
+    #[test]
+    fn forwards_both_ways_unchanged_without_faults() {
+        let (addr, t) = sink();
+        let p = Proxy::start(addr, Faults::default()).expect("proxy");
+        let data: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        send_through(&p, &data);
+        assert_eq!(t.join().expect("sink"), data);
+        assert_eq!(p.forwarded_up(), data.len() as u64);
+        assert_eq!(p.forwarded_down(), 2);
+        assert_eq!(p.connections(), 1);
+    }
+
+    #[test]
+    fn flips_exactly_one_byte_at_the_offset() {
+        let (addr, t) = sink();
+        let faults = Faults {
+            flip_at: Some(100_000),
+            flip_mask: 0x01,
+            ..Faults::default()
+        };
+        let p = Proxy::start(addr, faults).expect("proxy");
+        let data = vec![0x42u8; 150_000];
+        send_through(&p, &data);
+        let got = t.join().expect("sink");
+        assert_eq!(got.len(), data.len());
+        let diffs: Vec<usize> = (0..data.len()).filter(|&i| got[i] != data[i]).collect();
+        assert_eq!(diffs, vec![100_000]);
+        assert_eq!(got[100_000], 0x43);
+        assert!(p.flipped());
+    }
+
+    #[test]
+    fn truncates_after_n_bytes() {
+        let (addr, t) = sink();
+        let faults = Faults {
+            close_after: Some(70_001),
+            ..Faults::default()
+        };
+        let p = Proxy::start(addr, faults).expect("proxy");
+        send_through(&p, &vec![7u8; 300_000]);
+        assert_eq!(t.join().expect("sink").len(), 70_001);
+        assert!(p.closed_early());
+    }
+
+    #[test]
+    fn stalls_after_n_bytes_keeping_the_connection_open() {
+        let (addr, t) = sink();
+        let faults = Faults {
+            stall_after: Some(10_000),
+            ..Faults::default()
+        };
+        let p = Proxy::start(addr, faults).expect("proxy");
+        let mut c = TcpStream::connect(p.addr()).expect("connect");
+        let mut reply = [0u8; 2];
+        c.read_exact(&mut reply).expect("reply");
+        c.write_all(&[1u8; 50_000]).expect("kernel buffers take it");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(p.forwarded_up(), 10_000);
+        drop(c);
+        drop(p);
+        assert_eq!(t.join().expect("sink").len(), 10_000);
+    }
+}
