@@ -51,6 +51,8 @@ pub struct Vmm {
     pub machine: Arc<Machine>,
     /// Migration capabilities and parameters.
     pub options: Arc<MigrationOptions>,
+    /// The migration object's pseudo-properties (`-global migration.*`).
+    pub props: migration::options::Properties,
     /// QMP events.
     pub events: QmpEvents,
     /// The VM's UUID (QEMU's -uuid; all zeros by default, as in QEMU).
@@ -73,6 +75,7 @@ impl Vmm {
     pub fn new(
         machine: Arc<Machine>,
         options: Arc<MigrationOptions>,
+        props: migration::options::Properties,
         events: QmpEvents,
         uuid: [u8; 16],
         autostart: bool,
@@ -81,6 +84,7 @@ impl Vmm {
         Arc::new(Vmm {
             machine,
             options,
+            props,
             events,
             uuid,
             autostart,

@@ -104,6 +104,11 @@ pub fn command_table(vmm: &Arc<Vmm>) -> CommandTable {
     });
 
     let v = vmm.clone();
+    t.register_no_args("ferry-query-migration-properties", move || {
+        serde_json::to_value(v.props).map_err(generic)
+    });
+
+    let v = vmm.clone();
     t.register_no_args("query-migrate-parameters", move || {
         Ok(opts::query_parameters_json(&v.options.params()))
     });
@@ -293,7 +298,11 @@ fn migrate(vmm: &Arc<Vmm>, args: &Map<String, Value>) -> Result<Value, QmpError>
         return Err(QmpError::generic(MIGRATION_ACTIVE));
     }
     let uri: MigrationUri = uri.parse().map_err(generic)?;
-    let source = Arc::new(MachineSource::new(vmm.machine.clone(), vmm.uuid));
+    let source = Arc::new(MachineSource::new(
+        vmm.machine.clone(),
+        vmm.uuid,
+        vmm.props.store_global_state,
+    ));
     let out = Outgoing::start(
         uri,
         source,

@@ -191,10 +191,7 @@ impl Machine {
         };
         let dirty: Arc<dyn DirtyTracker> = match &ring {
             Some(r) => r.clone(),
-            None => Arc::new(KvmDirtyLog::new(
-                vm.clone(),
-                crate::dirty::kvm_log::DEFAULT_CLEAR_SHIFT,
-            )),
+            None => Arc::new(KvmDirtyLog::new(vm.clone(), config.vm.clear_shift)),
         };
         let tsc_khz = fds
             .first()
@@ -284,10 +281,19 @@ impl Machine {
 
     /// Builds a machine, loads the test guest and starts it.
     pub fn boot(config: MachineConfig, events: Arc<dyn EventSink>) -> Result<Self, MachineError> {
-        let m = Self::build(config, events, false)?;
+        let m = Self::boot_paused(config, events)?;
         m.resume_vcpus();
         m.set_state(RunState::Running);
         Ok(m)
+    }
+
+    /// Builds a machine and loads the test guest, leaving its vCPUs stopped (state paused)
+    /// until [`Machine::resume`].
+    pub fn boot_paused(
+        config: MachineConfig,
+        events: Arc<dyn EventSink>,
+    ) -> Result<Self, MachineError> {
+        Self::build(config, events, false)
     }
 
     /// Builds a machine that waits, paused, for its state to arrive (incoming migration).

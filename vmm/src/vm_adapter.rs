@@ -61,15 +61,18 @@ pub fn load_state(m: &Machine, bytes: &[u8]) -> Result<bool, String> {
 pub struct MachineSource {
     machine: Arc<Machine>,
     uuid: [u8; 16],
+    store_global_state: bool,
     was_running: AtomicBool,
 }
 
 impl MachineSource {
-    /// Wraps `machine`.
-    pub fn new(machine: Arc<Machine>, uuid: [u8; 16]) -> Self {
+    /// Wraps `machine`; without `store_global_state` (QEMU's property of that name) the
+    /// destination is not told the source's run state and starts the guest regardless.
+    pub fn new(machine: Arc<Machine>, uuid: [u8; 16], store_global_state: bool) -> Self {
         MachineSource {
             machine,
             uuid,
+            store_global_state,
             was_running: AtomicBool::new(false),
         }
     }
@@ -115,7 +118,8 @@ impl SourceVm for MachineSource {
         self.machine.set_throttle(pct);
     }
     fn save_state(&self) -> Result<Vec<u8>, String> {
-        save_state(&self.machine, self.was_running.load(Ordering::Acquire))
+        let running = self.was_running.load(Ordering::Acquire) || !self.store_global_state;
+        save_state(&self.machine, running)
     }
     fn migrated_away(&self) {
         self.machine.mark(RunState::PostMigrate);

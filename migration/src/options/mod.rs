@@ -10,6 +10,7 @@
 //! - [`check`]: `migrate_caps_check` and `migrate_params_check`, rule for rule.
 //! - [`store`]: [`MigrationOptions`], the thread-safe store with check-then-apply sets.
 //! - [`hooks`]: [`OptionsHooks`], how a set reaches a running migration.
+//! - [`properties`]: QEMU's `-global migration.*` properties and pseudo-properties.
 //! - [`qmp`]: the JSON forms of the four QMP commands.
 //! - [`error`]: [`OptionsError`], every refusal in QEMU's words.
 //!
@@ -26,6 +27,7 @@ pub mod check;
 pub mod error;
 pub mod hooks;
 pub mod parameters;
+pub mod properties;
 pub mod qmp;
 pub mod store;
 
@@ -38,4 +40,5 @@ pub use check::{
 pub use error::OptionsError;
 pub use hooks::{HookCall, OptionsHooks, RecordingHooks};
 pub use parameters::{AnnounceParameters, MultiFdCompression, Parameters, ParametersUpdate};
+pub use properties::{apply_global_arg, GlobalSettings, Properties};
 pub use store::MigrationOptions;

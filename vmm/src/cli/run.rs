@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use clap::Args;
 use devices::SerialOutput;
-use migration::options::MigrationOptions;
+use migration::options::{apply_global_arg, GlobalSettings, MigrationOptions};
 use migration::transport::MigrationUri;
+use migration::uffd::GuestRamSupport;
 use ram::MemoryConfig;
 
 use crate::app::{IncomingMode, QmpEvents, Vmm};
@@ -55,6 +56,10 @@ pub struct RunArgs {
     /// offered) or `ring[:ENTRIES]` (KVM's per-vCPU dirty ring, default 4096 entries).
     #[arg(long, default_value = "bitmap")]
     pub dirty_tracking: String,
+    /// A QEMU migration property, as with QEMU's -global (repeatable), e.g.
+    /// `migration.x-multifd=on`, `migration.x-max-bandwidth=64M`, `migration.x-clear-bitmap-shift=14`.
+    #[arg(long = "global", value_name = "migration.NAME=VALUE")]
+    pub globals: Vec<String>,
 }
 
 fn parse_dirty_tracking(text: &str) -> Result<DirtyMode, String> {
@@ -88,7 +93,23 @@ fn install_term_handlers() {
     }
 }
 
-fn build(a: &RunArgs) -> Result<(MachineConfig, Option<String>, [u8; 16]), String> {
+/// What `ferry run` builds from its arguments.
+struct Built {
+    config: MachineConfig,
+    incoming: Option<String>,
+    uuid: [u8; 16],
+    globals: GlobalSettings,
+}
+
+fn build(a: &RunArgs) -> Result<Built, String> {
+    let mut globals = GlobalSettings::default();
+    for g in &a.globals {
+        apply_global_arg(&mut globals, g)?;
+    }
+    let (clear_shift, warning) = globals.props.effective_clear_bitmap_shift();
+    if let Some(w) = warning {
+        eprintln!("ferry: warning: {w}");
+    }
     let memory: MemoryConfig = a.memory.parse().map_err(|e| format!("--memory: {e}"))?;
     let max_ws = GuestLayout::max_ws_pages(memory.size) * 4096;
     let default_ws = (memory.size / 2).min(256 << 20).min(max_ws);
@@ -122,8 +143,8 @@ fn build(a: &RunArgs) -> Result<(MachineConfig, Option<String>, [u8; 16]), Strin
             .map_err(|e| format!("--uuid: {e}"))?
             .as_bytes(),
     };
-    Ok((
-        MachineConfig {
+    Ok(Built {
+        config: MachineConfig {
             memory,
             vcpus: a.vcpus,
             workload,
@@ -132,16 +153,23 @@ fn build(a: &RunArgs) -> Result<(MachineConfig, Option<String>, [u8; 16]), Strin
                 irqchip: !a.no_irqchip,
                 dirty: parse_dirty_tracking(&a.dirty_tracking)
                     .map_err(|e| format!("--dirty-tracking: {e}"))?,
+                clear_shift: u32::from(clear_shift),
             },
         },
-        a.incoming.clone(),
+        incoming: a.incoming.clone(),
         uuid,
-    ))
+        globals,
+    })
 }
 
 /// Runs `ferry run`; returns the exit code.
 pub fn run(a: RunArgs) -> i32 {
-    let (config, incoming, uuid) = match build(&a) {
+    let Built {
+        config,
+        incoming,
+        uuid,
+        globals,
+    } = match build(&a) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("ferry: {e}");
@@ -164,7 +192,7 @@ pub fn run(a: RunArgs) -> i32 {
     let machine = if incoming.is_some() {
         Machine::incoming(config, Arc::new(events.clone()))
     } else {
-        Machine::boot(config, Arc::new(events.clone()))
+        Machine::boot_paused(config, Arc::new(events.clone()))
     };
     let machine = match machine {
         Ok(m) => Arc::new(m),
@@ -173,8 +201,24 @@ pub fn run(a: RunArgs) -> i32 {
             return 1;
         }
     };
-    if a.paused && incoming.is_none() {
-        let _ = machine.pause(crate::machine::RunState::Paused);
+    // The -global settings are checked as a whole, as QEMU's migration_object_check does,
+    // before the guest runs.
+    let options = match MigrationOptions::with_settings(
+        globals.caps,
+        globals.params.clone(),
+        &GuestRamSupport::new(machine.ram()),
+    ) {
+        Ok(o) => Arc::new(o),
+        Err(e) => {
+            eprintln!("ferry: --global: {e}");
+            return 1;
+        }
+    };
+    if !a.paused && incoming.is_none() {
+        if let Err(e) = machine.resume() {
+            eprintln!("ferry: {e}");
+            return 1;
+        }
     }
     let mode = match incoming.as_deref() {
         None => IncomingMode::None,
@@ -182,7 +226,8 @@ pub fn run(a: RunArgs) -> i32 {
     };
     let vmm = Vmm::new(
         machine,
-        Arc::new(MigrationOptions::new()),
+        options,
+        globals.props,
         events,
         uuid,
         !a.paused,

@@ -35,6 +35,8 @@ pub struct VmOptions {
     pub irqchip: bool,
     /// Dirty tracking mode (the ring must be chosen before vCPUs exist).
     pub dirty: DirtyMode,
+    /// Pages per dirty-log clear chunk, as a power of two (`x-clear-bitmap-shift`).
+    pub clear_shift: u32,
 }
 
 impl Default for VmOptions {
@@ -42,6 +44,7 @@ impl Default for VmOptions {
         VmOptions {
             irqchip: true,
             dirty: DirtyMode::Bitmap,
+            clear_shift: crate::dirty::kvm_log::DEFAULT_CLEAR_SHIFT,
         }
     }
 }
