@@ -1,5 +1,6 @@
 //! Ferry's migration core.
 //!
+//! - [`multifd`]: parallel RAM channels with compression, zero-page detection and zero-copy send.
 //! - [`options`]: QEMU's migration capabilities and parameters, their
 //!   compatibility rules, range checks and error texts, and the hooks through
 //!   which a changed setting reaches a running migration.
@@ -16,6 +17,7 @@ pub mod dest;
 pub mod error;
 pub mod events;
 pub mod info;
+pub mod multifd;
 pub mod options;
 pub mod qapi;
 pub mod rate_limit;

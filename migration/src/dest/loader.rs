@@ -1,5 +1,7 @@
 //! Applies a migration stream to the destination's memory and state.
 
+use std::sync::Arc;
+
 use ram::{is_zero_page, page_hash, AtomicBitmap, GuestRam, PAGE_SHIFT, PAGE_SIZE};
 
 use crate::error::{MigrationError, Result};
@@ -11,8 +13,12 @@ use crate::vm::DestVm;
 
 /// What the loader reports as it goes.
 pub trait LoadProgress {
-    /// A pass ended (PASS_END frame).
+    /// A pass ended (PASS_END frame; with multifd, the flush point).
     fn pass_end(&mut self, pass: u64) -> Result<()>;
+    /// The END frame arrived; runs before the completeness check.
+    fn end(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Checks the stream header against this VM.
@@ -48,15 +54,80 @@ pub fn check_header(header: &Header, vm: &dyn DestVm) -> Result<()> {
     Ok(())
 }
 
-/// Applies RAM frames to guest memory.
-pub struct RamLoader<'a> {
-    ram: &'a GuestRam,
+/// Which pages a load has written, and which of them are suspect: shared by the main
+/// stream's loader and every multifd channel, so a page is judged by its last copy
+/// whichever connection carried it.
+#[derive(Debug)]
+pub struct PageBook {
     /// Pages written by this migration so far (a zero record for a page never written
     /// into fresh memory needs no work at all).
     received: AtomicBitmap,
     /// Pages whose last copy did not match its hash (see stream::ram).
     suspect: AtomicBitmap,
     fresh: bool,
+}
+
+impl PageBook {
+    /// Bookkeeping for `pages` pages; `fresh` when the memory is known to be all zeros.
+    pub fn new(pages: u64, fresh: bool) -> Self {
+        PageBook {
+            received: AtomicBitmap::new(pages),
+            suspect: AtomicBitmap::new(pages),
+            fresh,
+        }
+    }
+
+    /// Records that `page` was written; `ok` says whether its bytes matched their hash.
+    pub fn mark(&self, page: u64, ok: bool) {
+        self.received.set(page);
+        if ok {
+            self.suspect.test_and_clear(page);
+        } else {
+            self.suspect.set(page);
+        }
+    }
+
+    /// Whether the last copy of `page` did not match its hash.
+    pub fn is_suspect(&self, page: u64) -> bool {
+        self.suspect.get(page)
+    }
+
+    /// Makes `page` of `ram` read as zeros (writing only when it may not already).
+    pub fn load_zero(&self, ram: &GuestRam, page: u64) -> Result<()> {
+        let untouched = self.fresh && !self.received.get(page);
+        if !untouched && !ram.page(page).is_some_and(is_zero_page) {
+            ram.zero_page(page)
+                .map_err(|e| MigrationError::Vm(e.to_string()))?;
+        }
+        self.mark(page, true);
+        Ok(())
+    }
+
+    /// Fails if any page's last copy did not match its hash.
+    pub fn check_complete(&self) -> Result<()> {
+        let n = self.suspect.count_ones();
+        if n == 0 {
+            return Ok(());
+        }
+        let first = (0..self.suspect.len())
+            .find(|&p| self.suspect.get(p))
+            .unwrap_or(0);
+        let what = StreamError::Checksum(if n == 1 {
+            "one page (its data arrived corrupted and was never sent again)"
+        } else {
+            "several pages (their data arrived corrupted and was never sent again)"
+        });
+        Err(MigrationError::Stream(StreamError::Invalid(format!(
+            "{what}: {n} page(s), the first at RAM offset {:#x}",
+            first << PAGE_SHIFT
+        ))))
+    }
+}
+
+/// Applies RAM frames to guest memory.
+pub struct RamLoader<'a> {
+    ram: &'a GuestRam,
+    book: Arc<PageBook>,
     scratch: Vec<u8>,
     /// Records applied.
     pub pages: u64,
@@ -67,12 +138,15 @@ impl<'a> RamLoader<'a> {
     pub fn new(ram: &'a GuestRam, fresh: bool) -> Self {
         RamLoader {
             ram,
-            received: AtomicBitmap::new(ram.page_count()),
-            suspect: AtomicBitmap::new(ram.page_count()),
-            fresh,
+            book: Arc::new(PageBook::new(ram.page_count(), fresh)),
             scratch: Vec::new(),
             pages: 0,
         }
+    }
+
+    /// The page bookkeeping, to share with multifd channels.
+    pub fn book(&self) -> Arc<PageBook> {
+        self.book.clone()
     }
 
     fn page_mut_ptr(&self, offset: u64) -> Result<*mut u8> {
@@ -123,19 +197,13 @@ impl<'a> RamLoader<'a> {
                 RamRecord::Page { offset, hash } => {
                     let page = offset >> PAGE_SHIFT;
                     let ok = self.ram.page(page).is_some_and(|b| page_hash(b) == hash);
-                    self.mark(page, ok);
+                    self.book.mark(page, ok);
                     self.pages += 1;
                 }
                 RamRecord::Zero { offset, count } => {
                     let first = offset >> PAGE_SHIFT;
                     for page in first..first + count {
-                        let untouched = self.fresh && !self.received.get(page);
-                        if !untouched && !self.ram.page(page).is_some_and(is_zero_page) {
-                            self.ram
-                                .zero_page(page)
-                                .map_err(|e| MigrationError::Vm(e.to_string()))?;
-                        }
-                        self.mark(page, true);
+                        self.book.load_zero(self.ram, page)?;
                     }
                     self.pages += count;
                 }
@@ -149,8 +217,8 @@ impl<'a> RamLoader<'a> {
                         StreamError::Invalid(format!("XBZRLE page at {offset:#x}: {e}"))
                     })?;
                     // A delta applied to a suspect base stays suspect.
-                    let ok = !self.suspect.get(page) && page_hash(dst) == hash;
-                    self.mark(page, ok);
+                    let ok = !self.book.is_suspect(page) && page_hash(dst) == hash;
+                    self.book.mark(page, ok);
                     self.pages += 1;
                     at += len;
                 }
@@ -166,36 +234,9 @@ impl<'a> RamLoader<'a> {
         Ok(())
     }
 
-    fn mark(&self, page: u64, ok: bool) {
-        self.received.set(page);
-        if ok {
-            self.suspect.test_and_clear(page);
-        } else {
-            self.suspect.set(page);
-        }
-    }
-
     /// Fails if any page's last copy did not match its hash.
     pub fn check_complete(&self) -> Result<()> {
-        let n = self.suspect.count_ones();
-        if n == 0 {
-            return Ok(());
-        }
-        let first = (0..self.ram.page_count())
-            .find(|&p| self.suspect.get(p))
-            .unwrap_or(0);
-        Err(StreamError::Checksum(if n == 1 {
-            "one page (its data arrived corrupted and was never sent again)"
-        } else {
-            "several pages (their data arrived corrupted and was never sent again)"
-        })
-        .into())
-        .map_err(|e: MigrationError| {
-            MigrationError::Stream(StreamError::Invalid(format!(
-                "{e}: {n} page(s), the first at RAM offset {:#x}",
-                first << PAGE_SHIFT
-            )))
-        })
+        self.book.check_complete()
     }
 }
 
@@ -225,6 +266,7 @@ pub fn load_stream<R: StreamSource>(
                 state = Some(payload.to_vec());
             }
             Frame::Other(FrameKind::End, _) => {
+                progress.end()?;
                 loader.check_complete()?;
                 return state.ok_or_else(|| {
                     StreamError::Invalid("the stream ended without vCPU and device state".into())

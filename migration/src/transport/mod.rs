@@ -149,6 +149,20 @@ impl Channel {
         }
     }
 
+    /// Shuts the reading direction down, waking a thread blocked reading (its read returns
+    /// end of stream) while replies can still be written.
+    pub fn shutdown_read(&self) {
+        match self {
+            Channel::Tcp(s) => {
+                let _ = s.shutdown(Shutdown::Read);
+            }
+            Channel::Unix(s) => {
+                let _ = s.shutdown(Shutdown::Read);
+            }
+            Channel::File(_) => {}
+        }
+    }
+
     /// The raw file descriptor.
     pub fn raw_fd(&self) -> i32 {
         match self {
@@ -336,6 +350,33 @@ impl Listener {
                 Ok(Channel::File(f))
             }
         }
+    }
+
+    /// Like [`Listener::accept`], but gives up after `timeout` (files open at once).
+    pub fn accept_timeout(&self, timeout: Duration) -> Result<Channel, TransportError> {
+        let fd = match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l, _) => l.as_raw_fd(),
+            Listener::File(..) => return self.accept(),
+        };
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: poll on one live pollfd for a descriptor owned by self.
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        if n < 0 {
+            return Err(TransportError::Accept(io::Error::last_os_error()));
+        }
+        if n == 0 {
+            return Err(TransportError::Accept(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no connection within {timeout:?}"),
+            )));
+        }
+        self.accept()
     }
 
     /// A handle that can wake a thread blocked in [`Listener::accept`] (by shutting the socket).

@@ -1,0 +1,434 @@
+//! The receiving side: one thread per channel applies packets to guest memory; the main
+//! stream's flush points wait for every channel's SYNC (see the module doc of
+//! [`crate::multifd`]).
+
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use ram::{page_hash, GuestRam, PAGE_SHIFT, PAGE_SIZE};
+
+use super::compress::Decompressor;
+use super::packet::{
+    Handshake, Method, PacketHeader, PacketPages, HANDSHAKE_LEN, PACKET_HEADER_LEN,
+    PAGES_PER_PACKET,
+};
+use crate::dest::loader::PageBook;
+use crate::error::{MigrationError, Result};
+use crate::stream::frame::read_iov_exact;
+use crate::stream::header::{Header, FEATURE_MULTIFD};
+use crate::stream::StreamError;
+use crate::transport::{Channel, Listener};
+
+/// The destination's own multifd settings (its query-migrate-parameters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalSettings {
+    /// Capability multifd.
+    pub enabled: bool,
+    /// multifd-channels.
+    pub channels: u8,
+    /// multifd-compression.
+    pub method: Method,
+}
+
+/// Checks the stream header's multifd settings against the destination's own.
+pub fn check_settings(header: &Header, local: &LocalSettings) -> Result<()> {
+    let source_multifd = header.has(FEATURE_MULTIFD) || header.multifd_channels > 0;
+    let method = Method::from_code(header.multifd_compression).unwrap_or(Method::None);
+    if source_multifd && !local.enabled {
+        return Err(StreamError::Mismatch(format!(
+            "the source migrates with multifd ({} channels, compression {}) but capability multifd is off on this destination: enable it and set multifd-channels {} and multifd-compression {} here",
+            header.multifd_channels,
+            method.name(),
+            header.multifd_channels,
+            method.name()
+        ))
+        .into());
+    }
+    if !source_multifd && local.enabled {
+        return Err(StreamError::Mismatch(format!(
+            "this destination expects multifd ({} channels, compression {}) but the source migrates without it: turn capability multifd on at the source too, or off here",
+            local.channels,
+            local.method.name()
+        ))
+        .into());
+    }
+    if source_multifd
+        && (header.multifd_channels != u32::from(local.channels) || method != local.method)
+    {
+        return Err(StreamError::Mismatch(format!(
+            "multifd settings differ: the source uses {} channels with compression {}, this destination {} channels with compression {}; set the same multifd-channels and multifd-compression on both sides",
+            header.multifd_channels,
+            method.name(),
+            local.channels,
+            local.method.name()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+fn chan_err(id: usize, e: impl std::fmt::Display) -> MigrationError {
+    MigrationError::Stream(StreamError::Invalid(format!("multifd channel {id}: {e}")))
+}
+
+/// Accepts the `channels` connections of a migration on `listener` and reads their
+/// handshakes; returns them ordered by id. Fails when they are not all there within
+/// `timeout`.
+pub fn accept_channels(
+    listener: &Listener,
+    header: &Header,
+    timeout: Duration,
+) -> Result<Vec<Channel>> {
+    let n = header.multifd_channels as usize;
+    let method = Method::from_code(header.multifd_compression).unwrap_or(Method::None);
+    let deadline = Instant::now() + timeout;
+    let mut slots: Vec<Option<Channel>> = (0..n).map(|_| None).collect();
+    for got in 0..n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut ch = listener.accept_timeout(left).map_err(|e| {
+            MigrationError::Stream(StreamError::Invalid(format!(
+                "only {got} of {n} multifd channels connected within {timeout:?}: {e}"
+            )))
+        })?;
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(10));
+        ch.set_timeouts(Some(left), None)
+            .map_err(|e| chan_err(got, e))?;
+        let mut b = [0u8; HANDSHAKE_LEN];
+        ch.read_exact(&mut b).map_err(|e| {
+            MigrationError::Stream(StreamError::Invalid(format!(
+                "a multifd channel sent no handshake within {timeout:?}: {e}"
+            )))
+        })?;
+        ch.set_timeouts(None, Some(crate::transport::WRITE_TIMEOUT))
+            .map_err(|e| chan_err(got, e))?;
+        let hs = Handshake::decode(&b)
+            .map_err(|e| MigrationError::Stream(StreamError::Invalid(e.to_string())))?;
+        let id = usize::from(hs.id);
+        if hs.uuid != header.uuid {
+            return Err(chan_err(
+                id,
+                format!(
+                    "received UUID {} but the migration's is {}",
+                    uuid::Uuid::from_bytes(hs.uuid),
+                    uuid::Uuid::from_bytes(header.uuid)
+                ),
+            ));
+        }
+        if usize::from(hs.channels) != n || hs.method != method {
+            return Err(chan_err(
+                id,
+                format!(
+                    "handshake announces {} channels with {}, the stream header {n} with {}",
+                    hs.channels,
+                    hs.method.name(),
+                    method.name()
+                ),
+            ));
+        }
+        match slots.get_mut(id) {
+            Some(slot @ None) => *slot = Some(ch),
+            _ => return Err(chan_err(id, "connected twice")),
+        }
+    }
+    Ok(slots.into_iter().flatten().collect())
+}
+
+type Synced = (usize, Result<u64>);
+
+/// The destination's multifd channels: their threads and the sync barrier.
+pub struct MultifdReceiver {
+    sockets: Vec<Channel>,
+    threads: Vec<JoinHandle<()>>,
+    releases: Vec<Sender<()>>,
+    synced: Receiver<Synced>,
+    error: Arc<Mutex<Option<String>>>,
+    unsynced: Arc<Vec<AtomicU64>>,
+}
+
+impl MultifdReceiver {
+    /// Starts a thread per channel of `channels` (ordered by id). A failing channel records
+    /// its error and shuts down reading on `main` (a handle on the main stream), so the
+    /// loader stops at once.
+    pub fn start(
+        channels: Vec<Channel>,
+        method: Method,
+        ram: Arc<GuestRam>,
+        book: Arc<PageBook>,
+        main: Option<Channel>,
+    ) -> Result<Self> {
+        let n = channels.len();
+        let (synced_tx, synced) = crossbeam_channel::unbounded();
+        let error = Arc::new(Mutex::new(None));
+        let unsynced: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+        let main = main.map(Arc::new);
+        let mut me = MultifdReceiver {
+            sockets: Vec::with_capacity(n),
+            threads: Vec::with_capacity(n),
+            releases: Vec::with_capacity(n),
+            synced,
+            error: error.clone(),
+            unsynced: unsynced.clone(),
+        };
+        for (id, ch) in channels.into_iter().enumerate() {
+            me.sockets
+                .push(ch.try_clone().map_err(|e| chan_err(id, e))?);
+            let (rel_tx, rel_rx) = bounded(1);
+            me.releases.push(rel_tx);
+            let ctx = RecvChannel {
+                id,
+                ch,
+                ram: ram.clone(),
+                book: book.clone(),
+                method,
+                decompressor: Decompressor::new(method)
+                    .map_err(|e| MigrationError::Vm(e.to_string()))?,
+                unsynced: unsynced.clone(),
+            };
+            let (tx, err, main) = (synced_tx.clone(), error.clone(), main.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("multifd-recv-{id}"))
+                .spawn(move || {
+                    if let Err(e) = ctx.run(&tx, &rel_rx) {
+                        if let Ok(mut slot) = err.lock() {
+                            slot.get_or_insert_with(|| e.to_string());
+                        }
+                        let _ = tx.send((id, Err(e)));
+                        if let Some(m) = main {
+                            m.shutdown_read();
+                        }
+                    }
+                })
+                .map_err(|e| MigrationError::Vm(format!("cannot start a multifd thread: {e}")))?;
+            me.threads.push(t);
+        }
+        Ok(me)
+    }
+
+    /// The first error a channel reported, if any.
+    pub fn error(&self) -> Option<MigrationError> {
+        self.error
+            .lock()
+            .ok()
+            .and_then(|e| e.clone())
+            .map(|e| MigrationError::Stream(StreamError::Invalid(e)))
+    }
+
+    /// The main stream's flush for pass `pass`: waits until every channel has delivered
+    /// its SYNC for that pass, then lets them go on.
+    pub fn sync(&mut self, pass: u64) -> Result<()> {
+        for _ in 0..self.releases.len() {
+            match self.synced.recv() {
+                Ok((_, Ok(p))) if p == pass => {}
+                Ok((id, Ok(p))) => {
+                    return Err(chan_err(
+                        id,
+                        format!("SYNC for pass {p} where the main stream ends pass {pass}"),
+                    ))
+                }
+                Ok((_, Err(e))) => return Err(e),
+                Err(_) => return Err(chan_err(0, "every channel thread ended")),
+            }
+        }
+        for r in &self.releases {
+            let _ = r.send(());
+        }
+        Ok(())
+    }
+
+    /// The END frame: stops the channels (each must be parked after its last SYNC, with
+    /// nothing applied since) and joins them.
+    pub fn finish(&mut self) -> Result<()> {
+        self.releases.clear();
+        for s in &self.sockets {
+            s.shutdown_read();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        if let Some(e) = self.error() {
+            return Err(e);
+        }
+        for (id, u) in self.unsynced.iter().enumerate() {
+            if u.load(Ordering::Acquire) != 0 {
+                return Err(chan_err(id, "pages arrived after the channel's last SYNC"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MultifdReceiver {
+    fn drop(&mut self) {
+        self.releases.clear();
+        for s in &self.sockets {
+            s.shutdown();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+struct RecvChannel {
+    id: usize,
+    ch: Channel,
+    ram: Arc<GuestRam>,
+    book: Arc<PageBook>,
+    method: Method,
+    decompressor: Decompressor,
+    unsynced: Arc<Vec<AtomicU64>>,
+}
+
+impl RecvChannel {
+    fn err(&self, e: impl std::fmt::Display) -> MigrationError {
+        chan_err(self.id, e)
+    }
+
+    fn read_exact(&mut self, buf: &mut [u8], at_packet_start: bool) -> Result<()> {
+        self.ch.read_exact(buf).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                self.err(if at_packet_start {
+                    "the source closed the channel before the end of the migration"
+                } else {
+                    "the channel closed in the middle of a packet"
+                })
+            } else {
+                self.err(e)
+            }
+        })
+    }
+
+    fn run(mut self, synced: &Sender<Synced>, release: &Receiver<()>) -> Result<()> {
+        let ram_size = self.ram.size();
+        let mut head = [0u8; PACKET_HEADER_LEN];
+        let mut tail = Vec::with_capacity((PAGES_PER_PACKET * 2 + 1) * 8);
+        let mut pages = PacketPages::default();
+        let mut cbuf = Vec::new();
+        let mut scratch = Vec::new();
+        let mut last_num: Option<u64> = None;
+        let mut last_pass = 0u64;
+        loop {
+            self.read_exact(&mut head, true)?;
+            let h = PacketHeader::decode(&head, self.method).map_err(|e| self.err(e))?;
+            tail.resize(h.tail_len(), 0);
+            self.read_exact(&mut tail, false)?;
+            pages
+                .decode_tail(&head, &h, &tail, ram_size)
+                .map_err(|e| self.err(e))?;
+            if last_num.is_some_and(|l| h.packet_num <= l) {
+                return Err(self.err(format!(
+                    "packet number {} after {}",
+                    h.packet_num,
+                    last_num.unwrap_or(0)
+                )));
+            }
+            if h.pass < last_pass {
+                return Err(self.err(format!("packet of pass {} after pass {last_pass}", h.pass)));
+            }
+            last_num = Some(h.packet_num);
+            last_pass = h.pass;
+            if !pages.normal.is_empty() {
+                if h.is_compressed() {
+                    self.receive_compressed(&h, &pages, &mut cbuf, &mut scratch)?;
+                } else {
+                    self.receive_raw(&pages)?;
+                }
+                for &(offset, hash) in &pages.normal {
+                    let page = offset >> PAGE_SHIFT;
+                    let ok = self.ram.page(page).is_some_and(|b| page_hash(b) == hash);
+                    self.book.mark(page, ok);
+                }
+            }
+            for &offset in &pages.zero {
+                self.book
+                    .load_zero(&self.ram, offset >> PAGE_SHIFT)
+                    .map_err(|e| self.err(e))?;
+            }
+            let unsynced = &self.unsynced[self.id];
+            if h.is_sync() {
+                unsynced.store(0, Ordering::Release);
+                if synced.send((self.id, Ok(h.pass))).is_err() || release.recv().is_err() {
+                    return Ok(());
+                }
+            } else {
+                unsynced.fetch_add(1, Ordering::Release);
+            }
+        }
+    }
+
+    /// Reads raw pages straight into guest memory.
+    fn receive_raw(&mut self, pages: &PacketPages) -> Result<()> {
+        let mut iov = Vec::with_capacity(pages.normal.len());
+        for &(offset, _) in &pages.normal {
+            let p = self
+                .ram
+                .page_ptr(offset >> PAGE_SHIFT)
+                .ok_or_else(|| self.err(format!("page {offset:#x} outside RAM")))?;
+            iov.push(libc::iovec {
+                iov_base: p.cast(),
+                iov_len: PAGE_SIZE,
+            });
+        }
+        // SAFETY: every iovec is a page of guest RAM (offsets checked against the RAM size
+        // when the packet was decoded); the guest does not run during the load, and within
+        // one pass no other channel writes the same page (the sync barrier orders passes).
+        unsafe { read_iov_exact(&mut self.ch, &mut iov) }.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                self.err("the channel closed in the middle of a packet")
+            } else {
+                self.err(e)
+            }
+        })
+    }
+
+    /// Reads compressed data and decompresses it into the pages: straight into guest
+    /// memory when the pages are contiguous there, through `scratch` otherwise.
+    fn receive_compressed(
+        &mut self,
+        h: &PacketHeader,
+        pages: &PacketPages,
+        cbuf: &mut Vec<u8>,
+        scratch: &mut Vec<u8>,
+    ) -> Result<()> {
+        cbuf.resize(h.next_packet_size as usize, 0);
+        self.read_exact(cbuf, false)?;
+        let n = pages.normal.len();
+        let first = self
+            .ram
+            .page_ptr(pages.normal[0].0 >> PAGE_SHIFT)
+            .ok_or_else(|| self.err("page outside RAM"))?;
+        let contiguous = pages.normal.iter().enumerate().all(|(i, &(o, _))| {
+            self.ram.page_ptr(o >> PAGE_SHIFT) == Some(first.wrapping_add(i * PAGE_SIZE))
+        });
+        let num = h.packet_num;
+        if contiguous {
+            // SAFETY: `n` consecutive guest pages starting at `first` (checked above, each
+            // inside RAM); the guest is not running and no other thread writes these pages
+            // in this pass.
+            let dst = unsafe { std::slice::from_raw_parts_mut(first, n * PAGE_SIZE) };
+            self.decompressor
+                .decompress(cbuf, dst)
+                .map_err(|e| self.err(format!("packet {num}: {e}")))?;
+            return Ok(());
+        }
+        scratch.resize(n * PAGE_SIZE, 0);
+        self.decompressor
+            .decompress(cbuf, scratch)
+            .map_err(|e| self.err(format!("packet {num}: {e}")))?;
+        for (i, &(offset, _)) in pages.normal.iter().enumerate() {
+            self.ram
+                .write_page(
+                    offset >> PAGE_SHIFT,
+                    &scratch[i * PAGE_SIZE..(i + 1) * PAGE_SIZE],
+                )
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+}
