@@ -10,6 +10,8 @@ use serde_json::json;
 use crate::error::{MigrationError, Result};
 use crate::events::MigrationEvents;
 use crate::info::{DestinationState, MigrationStatus, SocketAddress};
+use crate::multifd::recv::{accept_channels, check_settings, LocalSettings};
+use crate::multifd::{Method, MultifdReceiver};
 use crate::options::{Capability, MigrationOptions};
 use crate::stream::frame::FrameReader;
 use crate::stream::header::{Header, FEATURE_SWITCHOVER_ACK};
@@ -54,15 +56,30 @@ pub struct Incoming {
     port: Option<u16>,
 }
 
-/// Sends SWITCHOVER_ACK after the first pass when the source asked for it.
+/// How long the destination waits for every multifd channel to connect and say hello.
+const MULTIFD_ACCEPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Sends SWITCHOVER_ACK after the first pass when the source asked for it; with multifd,
+/// makes every pass end wait for the channels' SYNCs.
 struct AckAfterFirstPass<'a> {
     want: bool,
     sent: bool,
     ch: Option<&'a mut Channel>,
+    multifd: Option<&'a mut MultifdReceiver>,
 }
 
 impl LoadProgress for AckAfterFirstPass<'_> {
-    fn pass_end(&mut self, _pass: u64) -> Result<()> {
+    fn end(&mut self) -> Result<()> {
+        match self.multifd.as_deref_mut() {
+            Some(m) => m.finish(),
+            None => Ok(()),
+        }
+    }
+
+    fn pass_end(&mut self, pass: u64) -> Result<()> {
+        if let Some(m) = self.multifd.as_deref_mut() {
+            m.sync(pass)?;
+        }
         if self.want && !self.sent {
             if let Some(ch) = self.ch.as_deref_mut() {
                 Reply::SwitchoverAck.write_to(ch)?;
@@ -179,6 +196,7 @@ fn receive(
     fresh_ram: bool,
 ) -> Result<()> {
     let ch = listener.accept()?;
+    let options = shared.options.clone();
     shared.set_status(MigrationStatus::Active);
     let mut reply_ch =
         if ch.is_bidirectional() {
@@ -188,7 +206,7 @@ fn receive(
         } else {
             None
         };
-    let result = load(ch, reply_ch.as_mut(), vm, fresh_ram);
+    let result = load(ch, listener, &options, reply_ch.as_mut(), vm, fresh_ram);
     if let (Err(e), Some(rc)) = (&result, reply_ch.as_mut()) {
         // Tell the source why, so its error says more than "connection reset".
         let _ = Reply::Failed(e.to_string()).write_to(rc);
@@ -199,6 +217,8 @@ fn receive(
 
 fn load(
     ch: Channel,
+    listener: &Listener,
+    options: &MigrationOptions,
     mut reply_ch: Option<&mut Channel>,
     vm: &dyn DestVm,
     fresh_ram: bool,
@@ -206,14 +226,45 @@ fn load(
     let mut reader = FrameReader::new(ch);
     let header = Header::read_from(reader.get_mut())?;
     check_header(&header, vm)?;
+    let (caps, params) = options.snapshot();
+    let method = Method::from(params.multifd_compression);
+    check_settings(
+        &header,
+        &LocalSettings {
+            enabled: caps.get(Capability::Multifd),
+            channels: params.multifd_channels,
+            method,
+        },
+    )?;
     let ram = vm.ram();
     let mut loader = RamLoader::new(&ram, fresh_ram);
+    let mut multifd = if header.multifd_channels > 0 {
+        let channels = accept_channels(listener, &header, MULTIFD_ACCEPT_TIMEOUT)?;
+        let main = reader.get_mut().try_clone().ok();
+        Some(MultifdReceiver::start(
+            channels,
+            method,
+            ram.clone(),
+            loader.book(),
+            main,
+        )?)
+    } else {
+        None
+    };
     let mut progress = AckAfterFirstPass {
         want: header.has(FEATURE_SWITCHOVER_ACK),
         sent: false,
         ch: reply_ch.as_deref_mut(),
+        multifd: multifd.as_mut(),
     };
-    let state = load_stream(&mut reader, &mut loader, &mut progress)?;
+    let loaded = load_stream(&mut reader, &mut loader, &mut progress);
+    drop(progress);
+    let state = match (loaded, multifd.as_ref().and_then(|m| m.error())) {
+        // A failing channel stops the main stream; its error is the real cause.
+        (Err(_), Some(e)) => return Err(e),
+        (r, _) => r?,
+    };
+    drop(multifd);
     vm.load_state(&state).map_err(MigrationError::Vm)?;
     if let Some(rc) = reply_ch {
         Reply::Loaded.write_to(rc)?;

@@ -32,6 +32,9 @@ pub mod recv;
 pub mod send;
 pub mod zerocopy;
 
+#[cfg(test)]
+mod tests;
+
 pub use packet::Method;
 pub use recv::MultifdReceiver;
 pub use send::{MultifdSender, SendConfig, SendEnv};

@@ -193,8 +193,20 @@ impl MultifdReceiver {
             let (tx, err, main) = (synced_tx.clone(), error.clone(), main.clone());
             let t = std::thread::Builder::new()
                 .name(format!("multifd-recv-{id}"))
-                .spawn(move || {
-                    if let Err(e) = ctx.run(&tx, &rel_rx) {
+                .spawn(move || match ctx.run(&tx, &rel_rx) {
+                    Ok(false) => {}
+                    // Closed at a packet boundary: fine after the last SYNC (finish ignores
+                    // it), an error for a flush still waiting for this channel.
+                    Ok(true) => {
+                        let _ = tx.send((
+                            id,
+                            Err(chan_err(
+                                id,
+                                "the source closed the channel before the end of the migration",
+                            )),
+                        ));
+                    }
+                    Err(e) => {
                         if let Ok(mut slot) = err.lock() {
                             slot.get_or_insert_with(|| e.to_string());
                         }
@@ -290,21 +302,34 @@ impl RecvChannel {
         chan_err(self.id, e)
     }
 
-    fn read_exact(&mut self, buf: &mut [u8], at_packet_start: bool) -> Result<()> {
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<()> {
         self.ch.read_exact(buf).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                self.err(if at_packet_start {
-                    "the source closed the channel before the end of the migration"
-                } else {
-                    "the channel closed in the middle of a packet"
-                })
+                self.err("the channel closed in the middle of a packet")
             } else {
                 self.err(e)
             }
         })
     }
 
-    fn run(mut self, synced: &Sender<Synced>, release: &Receiver<()>) -> Result<()> {
+    /// Reads a packet's fixed header; false when the channel ended cleanly before it.
+    fn read_head(&mut self, head: &mut [u8; PACKET_HEADER_LEN]) -> Result<bool> {
+        let mut got = 0;
+        while got < head.len() {
+            match self.ch.read(&mut head[got..]) {
+                Ok(0) if got == 0 => return Ok(false),
+                Ok(0) => return Err(self.err("the channel closed in the middle of a packet")),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.err(e)),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Applies packets until the channel closes (Ok(true)), the barrier is dropped
+    /// (Ok(false)), or something is wrong.
+    fn run(mut self, synced: &Sender<Synced>, release: &Receiver<()>) -> Result<bool> {
         let ram_size = self.ram.size();
         let mut head = [0u8; PACKET_HEADER_LEN];
         let mut tail = Vec::with_capacity((PAGES_PER_PACKET * 2 + 1) * 8);
@@ -314,10 +339,12 @@ impl RecvChannel {
         let mut last_num: Option<u64> = None;
         let mut last_pass = 0u64;
         loop {
-            self.read_exact(&mut head, true)?;
+            if !self.read_head(&mut head)? {
+                return Ok(true);
+            }
             let h = PacketHeader::decode(&head, self.method).map_err(|e| self.err(e))?;
             tail.resize(h.tail_len(), 0);
-            self.read_exact(&mut tail, false)?;
+            self.read_exact(&mut tail)?;
             pages
                 .decode_tail(&head, &h, &tail, ram_size)
                 .map_err(|e| self.err(e))?;
@@ -354,7 +381,7 @@ impl RecvChannel {
             if h.is_sync() {
                 unsynced.store(0, Ordering::Release);
                 if synced.send((self.id, Ok(h.pass))).is_err() || release.recv().is_err() {
-                    return Ok(());
+                    return Ok(false);
                 }
             } else {
                 unsynced.fetch_add(1, Ordering::Release);
@@ -397,7 +424,7 @@ impl RecvChannel {
         scratch: &mut Vec<u8>,
     ) -> Result<()> {
         cbuf.resize(h.next_packet_size as usize, 0);
-        self.read_exact(cbuf, false)?;
+        self.read_exact(cbuf)?;
         let n = pages.normal.len();
         let first = self
             .ram

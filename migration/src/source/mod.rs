@@ -28,6 +28,7 @@ struct Live {
     pages_per_second: AtomicU64,
     remaining_bytes: AtomicU64,
     throttle: AtomicU8,
+    multifd: Mutex<Option<Arc<crate::multifd::MultifdStats>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -148,6 +149,10 @@ impl Shared {
         *self.live.xbzrle.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
     }
 
+    pub(crate) fn set_multifd_stats(&self, stats: Arc<crate::multifd::MultifdStats>) {
+        *self.live.multifd.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
+    }
+
     pub(crate) fn throttle(&self) -> u8 {
         self.live.throttle.load(Ordering::Relaxed)
     }
@@ -168,6 +173,20 @@ impl Shared {
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
         }
+    }
+}
+
+impl crate::multifd::SendEnv for Shared {
+    fn counters(&self) -> &MigrationCounters {
+        &self.counters
+    }
+
+    fn limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+
+    fn cancelled(&self) -> bool {
+        Shared::cancelled(self)
     }
 }
 
@@ -309,6 +328,18 @@ impl Outgoing {
         if let Some(t) = t {
             let _ = t.join();
         }
+    }
+
+    /// Multifd figures (per-channel bytes, packets and pages, compression ratio), when this
+    /// migration uses multifd.
+    pub fn multifd_report(&self) -> Option<crate::multifd::MultifdReport> {
+        self.shared
+            .live
+            .multifd
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|s| s.report())
     }
 
     /// Everything query-migrate reports about this migration.

@@ -18,11 +18,12 @@ use crate::convergence::{
 };
 use crate::error::{MigrationError, Result};
 use crate::info::{MigrationStatus, Phase};
+use crate::multifd::{Method, MultifdSender, SendConfig, SendEnv};
 use crate::options::Capability;
 use crate::stream::frame::{FrameKind, FrameWriter};
 use crate::stream::header::{
-    Header, FEATURE_SWITCHOVER_ACK, FEATURE_VALIDATE_UUID, FEATURE_XBZRLE, HEADER_LEN,
-    STREAM_VERSION,
+    Header, FEATURE_MULTIFD, FEATURE_SWITCHOVER_ACK, FEATURE_VALIDATE_UUID, FEATURE_XBZRLE,
+    HEADER_LEN, STREAM_VERSION,
 };
 use crate::stream::Reply;
 use crate::transport::{self, Channel, MigrationUri};
@@ -221,10 +222,36 @@ fn limits(shared: &Shared) -> SwitchoverLimits {
     }
 }
 
+/// The multifd settings of this migration, when the capability is on.
+fn multifd_config(shared: &Shared, uri: &MigrationUri) -> Result<Option<SendConfig>> {
+    if !shared.caps().get(Capability::Multifd) {
+        return Ok(None);
+    }
+    if let MigrationUri::File { .. } = uri {
+        return Err(MigrationError::Config(
+            "multifd is not supported for file: migrations; use a tcp: or unix: URI, or turn the multifd capability off".into(),
+        ));
+    }
+    let p = shared.options.params();
+    let method = Method::from(p.multifd_compression);
+    Ok(Some(SendConfig {
+        channels: p.multifd_channels,
+        method,
+        level: match method {
+            Method::None => 0,
+            Method::Zlib => p.multifd_zlib_level,
+            Method::Zstd => p.multifd_zstd_level,
+        },
+        zero_copy: shared.caps().get(Capability::ZeroCopySend),
+        uuid: shared.vm.uuid(),
+    }))
+}
+
 fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -> Result<()> {
     let t0 = shared.start;
     let caps = *shared.caps();
     let ram = shared.vm.ram();
+    let multifd = multifd_config(shared, uri)?;
     let ch = transport::connect(uri, CONNECT_TIMEOUT)?;
     if shared.cancelled() {
         return Err(MigrationError::Cancelled);
@@ -250,7 +277,11 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
     if want_ack {
         features |= FEATURE_SWITCHOVER_ACK;
     }
-    let mut xbzrle = if caps.get(Capability::Xbzrle) {
+    if multifd.is_some() {
+        features |= FEATURE_MULTIFD;
+    }
+    // As QEMU: with multifd, pages go through the channels and XBZRLE is not used.
+    let mut xbzrle = if caps.get(Capability::Xbzrle) && multifd.is_none() {
         features |= FEATURE_XBZRLE;
         Some(
             XbzrleEncoder::new(shared.options.params().xbzrle_cache_size)
@@ -266,8 +297,8 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
         ram_size: ram.size(),
         page_size: PAGE_SIZE as u32,
         vcpus: shared.vm.vcpus(),
-        multifd_channels: 0,
-        multifd_compression: 0,
+        multifd_channels: multifd.map_or(0, |m| u32::from(m.channels)),
+        multifd_compression: multifd.map_or(0, |m| u32::from(m.method.code())),
     };
     let mut out = FrameWriter::new(ch);
     out.get_mut()
@@ -279,6 +310,17 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
         Phase::Precopy,
         HEADER_LEN as u64,
     );
+
+    let mut channels = match &multifd {
+        Some(cfg) => {
+            let env: Arc<dyn SendEnv> = shared.clone();
+            let m = MultifdSender::open(uri, cfg, ram.clone(), env, CONNECT_TIMEOUT)
+                .map_err(|e| replies.explain(e))?;
+            shared.set_multifd_stats(m.stats());
+            Some(m)
+        }
+        None => None,
+    };
 
     let tracker = shared.vm.dirty_tracker();
     tracker.start().map_err(MigrationError::Vm)?;
@@ -313,34 +355,31 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
                 .map_err(|e| MigrationError::Config(format!("resizing the XBZRLE cache: {e}")))?;
         }
         let pages_before = shared.counters.total_pages();
-        let xbzrle_pages;
-        {
-            // QEMU starts XBZRLE after the first pass (xbzrle_started).
-            let stage = match xbzrle.as_mut() {
-                Some(encoder) if pass > 1 => Some(XbzrleStage {
-                    encoder,
-                    generation: shared.counters.dirty_sync_count(),
-                }),
-                _ => None,
-            };
-            let mut sender = RamSender::new(
-                &ram,
-                &mut out,
-                &shared.counters,
-                &shared.limiter,
-                &shared.cancel,
-                Phase::Precopy,
-            )
-            .with_tracker(tracker.as_ref())
-            .with_xbzrle(stage);
-            let cur_pending = pending_bytes;
+        let mut xbzrle_pages = 0;
+        if let Some(mfd) = channels.as_mut() {
             if pass == 1 {
-                // Pages never touched read as zero: send them as zero runs without reading
-                // (or, for shared memory, allocating) them.
-                sender.send_holes(&bitmap, || ram.data_ranges())?;
+                // Never-touched pages as zero runs on the main stream (see below).
+                let mut sender = RamSender::new(
+                    &ram,
+                    &mut out,
+                    &shared.counters,
+                    &shared.limiter,
+                    &shared.cancel,
+                    Phase::Precopy,
+                )
+                .with_tracker(tracker.as_ref());
+                sender
+                    .send_holes(&bitmap, || ram.data_ranges())
+                    .and_then(|_| sender.finish())
+                    .map_err(|e| replies.explain(e))?;
             }
-            sender
-                .send_bitmap(&bitmap, |_| {
+            let cur_pending = pending_bytes;
+            mfd.send_bitmap(
+                &bitmap,
+                Some(tracker.as_ref()),
+                Phase::Precopy,
+                pass,
+                || {
                     replies.poll()?;
                     estimator.update(&progress(shared, cur_pending), &limits(shared));
                     shared.publish(
@@ -350,9 +389,51 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
                         cur_pending,
                     );
                     Ok(())
-                })
-                .map_err(|e| replies.explain(e))?;
-            xbzrle_pages = sender.xbzrle_pages;
+                },
+            )
+            .and_then(|_| mfd.sync(pass, Phase::Precopy))
+            .map_err(|e| replies.explain(e))?;
+        } else {
+            {
+                // QEMU starts XBZRLE after the first pass (xbzrle_started).
+                let stage = match xbzrle.as_mut() {
+                    Some(encoder) if pass > 1 => Some(XbzrleStage {
+                        encoder,
+                        generation: shared.counters.dirty_sync_count(),
+                    }),
+                    _ => None,
+                };
+                let mut sender = RamSender::new(
+                    &ram,
+                    &mut out,
+                    &shared.counters,
+                    &shared.limiter,
+                    &shared.cancel,
+                    Phase::Precopy,
+                )
+                .with_tracker(tracker.as_ref())
+                .with_xbzrle(stage);
+                let cur_pending = pending_bytes;
+                if pass == 1 {
+                    // Pages never touched read as zero: send them as zero runs without reading
+                    // (or, for shared memory, allocating) them.
+                    sender.send_holes(&bitmap, || ram.data_ranges())?;
+                }
+                sender
+                    .send_bitmap(&bitmap, |_| {
+                        replies.poll()?;
+                        estimator.update(&progress(shared, cur_pending), &limits(shared));
+                        shared.publish(
+                            estimator.expected_downtime_ms(),
+                            estimator.mbps(),
+                            estimator.pages_per_second(),
+                            cur_pending,
+                        );
+                        Ok(())
+                    })
+                    .map_err(|e| replies.explain(e))?;
+                xbzrle_pages = sender.xbzrle_pages;
+            }
         }
         if let Some(enc) = xbzrle.as_mut() {
             enc.update_rates(shared.counters.total_pages() - pages_before + xbzrle_pages);
@@ -435,7 +516,15 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
     shared.limiter.lift();
     tracker.sync(&bitmap).map_err(MigrationError::Vm)?;
     shared.counters.inc_dirty_sync_count();
-    {
+    if let Some(mfd) = channels.as_mut() {
+        // The vCPUs are stopped: nothing needs re-arming. The last pass ends like the others.
+        let last = pass + 1;
+        mfd.send_bitmap(&bitmap, None, Phase::Downtime, last, || Ok(()))
+            .and_then(|_| mfd.sync(last, Phase::Downtime))
+            .map_err(|e| replies.explain(e))?;
+        out.frame(FrameKind::PassEnd, &last.to_le_bytes())
+            .map_err(|e| replies.explain(e.into()))?;
+    } else {
         let mut sender = RamSender::new(
             &ram,
             &mut out,
@@ -476,6 +565,9 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
         Phase::Downtime,
         out.bytes_written() - before,
     );
+    if let Some(mfd) = channels.take() {
+        mfd.finish().map_err(|e| replies.explain(e))?;
+    }
     if bidirectional {
         replies.wait_loaded(&shared.cancel)?;
         Reply::Commit
