@@ -29,6 +29,10 @@ use thiserror::Error;
 pub const ADDR_A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// The second host's address on the veth link.
 pub const ADDR_B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// The first host's MAC address (locally administered; each pair has its own namespaces).
+const MAC_A: &str = "02:66:72:79:00:01";
+/// The second host's MAC address.
+const MAC_B: &str = "02:66:72:79:00:02";
 /// Prefix of every namespace this module creates.
 const NETNS_PREFIX: &str = "ferry-";
 /// Prefix of every veth interface this module creates (interface names are at most 15 bytes).
@@ -218,14 +222,37 @@ impl HostPair {
         let (va, vb) = (self.veth_a(), self.veth_b());
         ip(&["netns", "add", ns_a])?;
         ip(&["netns", "add", ns_b])?;
-        ip(&["link", "add", va, "type", "veth", "peer", "name", vb])?;
+        ip(&[
+            "link", "add", va, "address", MAC_A, "type", "veth", "peer", "name", vb, "address",
+            MAC_B,
+        ])?;
         ip(&["link", "set", va, "netns", ns_a])?;
         ip(&["link", "set", vb, "netns", ns_b])?;
-        for (ns, veth, addr) in [(ns_a, va, ADDR_A), (ns_b, vb, ADDR_B)] {
+        let sides = [
+            (ns_a, va, ADDR_A, ADDR_B, MAC_B),
+            (ns_b, vb, ADDR_B, ADDR_A, MAC_A),
+        ];
+        for (ns, veth, addr, peer, peer_mac) in sides {
             let cidr = format!("{addr}/24");
+            let peer = peer.to_string();
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
             ip(&["-n", ns, "addr", "add", &cidr, "dev", veth])?;
             ip(&["-n", ns, "link", "set", veth, "up"])?;
+            // A permanent neighbour entry, as a cable would give: when the link is cut,
+            // packets are lost (TCP retransmits) rather than refused after ARP gives up.
+            ip(&[
+                "-n",
+                ns,
+                "neigh",
+                "replace",
+                &peer,
+                "lladdr",
+                peer_mac,
+                "dev",
+                veth,
+                "nud",
+                "permanent",
+            ])?;
         }
         Ok(())
     }
