@@ -21,6 +21,7 @@ pub mod multifd;
 pub mod options;
 pub mod qapi;
 pub mod rate_limit;
+pub mod snapshot;
 pub mod source;
 pub mod stream;
 pub mod transport;
