@@ -332,3 +332,43 @@ fn validate_uuid_with_no_uuid_on_the_destination_is_not_an_error() {
     );
     assert_completed_and_verified(&info, &mut dst, &guest);
 }
+
+#[test]
+fn a_destination_that_stops_reading_fails_the_migration_instead_of_hanging() {
+    let _one = one_guest_test_at_a_time();
+    let test = "a_destination_that_stops_reading_fails_the_migration_instead_of_hanging";
+    if skip_unless(test, kvm_missing()) {
+        return;
+    }
+    let guest = SMALL;
+    let (mut src, mut dst, uri) = loopback_pair("stall", &guest);
+    // The peer takes 2 MiB, then reads no more (a hung destination, a stuck middlebox).
+    let proxy = proxy_to(
+        &uri,
+        Faults {
+            stall_after: Some(2 * MIB),
+            ..Faults::default()
+        },
+    );
+    migrate(&mut src, &proxy.uri());
+    let t0 = std::time::Instant::now();
+    // Ferry fails a write that makes no progress for 30 s.
+    let err = assert_failed_with(&mut src, Duration::from_secs(45), &[""]);
+    eprintln!("{test}: failed after {:?}: {err}", t0.elapsed());
+    assert_eq!(proxy.forwarded_up(), 2 * MIB);
+    assert_source_intact(&mut src, &guest);
+    // The source's socket timed out without a word to the peer (no FIN, no RST). Once the
+    // middlebox forwards again and then gives up too, the destination finds the stream cut
+    // short and refuses it.
+    proxy.set_stall(false);
+    std::thread::sleep(Duration::from_millis(200));
+    proxy.cut();
+    assert_destination_refused(&mut dst, Duration::from_secs(10));
+    let lower = err.to_lowercase();
+    assert!(
+        lower.contains("timed out")
+            || lower.contains("timeout")
+            || lower.contains("stopped reading"),
+        "error-desc should say the destination stopped taking data: {err}"
+    );
+}
