@@ -32,12 +32,13 @@ fn outgoing(vmm: &Vmm) -> Option<Arc<Outgoing>> {
 }
 
 fn migration_running(vmm: &Vmm) -> bool {
-    outgoing(vmm).is_some_and(|o| o.status().is_running())
+    outgoing(vmm).is_some_and(|o| o.status().is_running()) || crate::snapshot::is_running(vmm)
 }
 
 /// Builds the command table for `vmm`.
 pub fn command_table(vmm: &Arc<Vmm>) -> CommandTable {
     let mut t = CommandTable::new();
+    crate::snapshot::register_commands(&mut t, vmm);
 
     let v = vmm.clone();
     t.register_no_args("query-status", move || {
@@ -154,6 +155,7 @@ pub fn command_table(vmm: &Arc<Vmm>) -> CommandTable {
         if let Some(o) = outgoing(&v) {
             o.cancel();
         }
+        crate::snapshot::cancel(&v);
         Ok(json!({}))
     });
 
@@ -178,7 +180,7 @@ pub fn command_table(vmm: &Arc<Vmm>) -> CommandTable {
 
     let v = vmm.clone();
     t.register_no_args("query-migrate", move || {
-        let src = outgoing(&v).map(|o| o.state()).unwrap_or_default();
+        let src = source_state(&v);
         let dest = v
             .incoming
             .lock()
@@ -298,6 +300,14 @@ fn migrate(vmm: &Arc<Vmm>, args: &Map<String, Value>) -> Result<Value, QmpError>
         return Err(QmpError::generic(MIGRATION_ACTIVE));
     }
     let uri: MigrationUri = uri.parse().map_err(generic)?;
+    if vmm
+        .options
+        .caps()
+        .get(migration::options::Capability::BackgroundSnapshot)
+    {
+        return crate::snapshot::start(vmm, uri);
+    }
+    crate::snapshot::forget(vmm);
     let source = Arc::new(MachineSource::new(
         vmm.machine.clone(),
         vmm.uuid,
@@ -318,5 +328,6 @@ fn migrate(vmm: &Arc<Vmm>, args: &Map<String, Value>) -> Result<Value, QmpError>
 
 /// query-migrate's source part for a VMM (used by the CLI's progress display too).
 pub fn source_state(vmm: &Vmm) -> SourceState {
-    outgoing(vmm).map(|o| o.state()).unwrap_or_default()
+    crate::snapshot::source_state(vmm)
+        .unwrap_or_else(|| outgoing(vmm).map(|o| o.state()).unwrap_or_default())
 }

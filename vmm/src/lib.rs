@@ -10,5 +10,6 @@ pub mod hostpair;
 pub mod kvm;
 pub mod machine;
 pub mod qmp;
+pub mod snapshot;
 pub mod vcpu_thread;
 pub mod vm_adapter;

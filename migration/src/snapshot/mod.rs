@@ -37,6 +37,7 @@ pub mod digest;
 pub mod fault;
 pub mod latency;
 pub mod pagemap;
+pub mod probe;
 pub mod protect;
 mod run;
 #[cfg(test)]
@@ -66,6 +67,7 @@ pub use claims::PageClaims;
 pub use digest::{page_digest, PageDigest};
 pub use fault::FaultStats;
 pub use latency::{LatencyHistogram, LatencySummary};
+pub use probe::{probe_unpopulated_wp, UnpopulatedWpReport};
 pub use protect::{ProtectError, UnpopulatedStrategy, WriteProtector};
 pub use writer::WriterProgress;
 

@@ -40,6 +40,10 @@ pub struct RunArgs {
     /// (then QMP migrate-incoming).
     #[arg(long)]
     pub incoming: Option<String>,
+    /// Resume the guest saved in a snapshot file (written by `migrate` with the
+    /// background-snapshot capability): the same as `--incoming file:PATH`.
+    #[arg(long, value_name = "PATH", conflicts_with = "incoming")]
+    pub restore: Option<PathBuf>,
     /// Where the guest's serial console goes: stdout, file:PATH or none.
     #[arg(long, default_value = "stdout")]
     pub serial: String,
@@ -156,7 +160,11 @@ fn build(a: &RunArgs) -> Result<Built, String> {
                 clear_shift: u32::from(clear_shift),
             },
         },
-        incoming: a.incoming.clone(),
+        incoming: a.incoming.clone().or_else(|| {
+            a.restore
+                .as_ref()
+                .map(|p| format!("file:{}", p.display()))
+        }),
         uuid,
         globals,
     })
