@@ -1,5 +1,6 @@
 //! Where a migration goes: URIs (`tcp:`, `unix:`, `file:`), connecting and listening.
 
+pub mod tls;
 pub mod uri;
 
 pub use uri::MigrationUri;
@@ -96,6 +97,9 @@ fn tcp_dead_peer_detection(s: &TcpStream) {
     );
 }
 
+/// How long a TLS handshake may take.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// One end of a migration connection, or a file.
 pub enum Channel {
     /// A TCP connection.
@@ -104,6 +108,8 @@ pub enum Channel {
     Unix(UnixStream),
     /// A file being written (outgoing) or read (incoming).
     File(File),
+    /// A TLS connection (over TCP or a unix socket).
+    Tls(tls::TlsStream),
 }
 
 impl Channel {
@@ -118,6 +124,7 @@ impl Channel {
             Channel::Tcp(s) => Channel::Tcp(s.try_clone()?),
             Channel::Unix(s) => Channel::Unix(s.try_clone()?),
             Channel::File(f) => Channel::File(f.try_clone()?),
+            Channel::Tls(t) => Channel::Tls(t.clone()),
         })
     }
 
@@ -133,6 +140,10 @@ impl Channel {
                 s.set_write_timeout(write)
             }
             Channel::File(_) => Ok(()),
+            Channel::Tls(t) => {
+                t.set_timeouts(read, write);
+                Ok(())
+            }
         }
     }
 
@@ -146,6 +157,7 @@ impl Channel {
                 let _ = s.shutdown(Shutdown::Both);
             }
             Channel::File(_) => {}
+            Channel::Tls(t) => t.shutdown(),
         }
     }
 
@@ -160,6 +172,7 @@ impl Channel {
                 let _ = s.shutdown(Shutdown::Read);
             }
             Channel::File(_) => {}
+            Channel::Tls(t) => t.shutdown_read(),
         }
     }
 
@@ -169,6 +182,40 @@ impl Channel {
             Channel::Tcp(s) => s.as_raw_fd(),
             Channel::Unix(s) => s.as_raw_fd(),
             Channel::File(f) => f.as_raw_fd(),
+            Channel::Tls(t) => t.raw_fd(),
+        }
+    }
+
+    /// Secures this (socket) channel as the outgoing side of TLS with `creds`, checking that
+    /// the server's certificate names `hostname`.
+    pub fn into_tls_client(
+        self,
+        creds: &tls::TlsCreds,
+        hostname: &str,
+    ) -> Result<Channel, tls::TlsError> {
+        let sock = self.into_socket()?;
+        tls::client(sock, creds, hostname, TLS_HANDSHAKE_TIMEOUT).map(Channel::Tls)
+    }
+
+    /// Secures this (socket) channel as the incoming side of TLS with `creds`, checking the
+    /// client against `authz` when given.
+    pub fn into_tls_server(
+        self,
+        creds: &tls::TlsCreds,
+        authz: Option<&tls::Authz>,
+    ) -> Result<Channel, tls::TlsError> {
+        let sock = self.into_socket()?;
+        tls::server(sock, creds, authz, TLS_HANDSHAKE_TIMEOUT).map(Channel::Tls)
+    }
+
+    fn into_socket(self) -> Result<tls::Socket, tls::TlsError> {
+        match self {
+            Channel::Tcp(s) => Ok(tls::Socket::Tcp(s)),
+            Channel::Unix(s) => Ok(tls::Socket::Unix(s)),
+            Channel::File(_) => Err(tls::TlsError::Handshake(
+                "TLS is only available for socket migrations, not file:".into(),
+            )),
+            Channel::Tls(_) => Err(tls::TlsError::Handshake("the channel is already TLS".into())),
         }
     }
 
@@ -183,6 +230,23 @@ impl Channel {
 
 impl crate::stream::frame::StreamSource for Channel {
     unsafe fn read_iov(&mut self, iov: &mut [libc::iovec]) -> io::Result<usize> {
+        if let Channel::Tls(t) = self {
+            // Decrypted bytes come out of rustls: copy them into place.
+            let total: usize = iov.iter().map(|v| v.iov_len).sum();
+            let mut tmp = vec![0u8; total.min(1 << 20)];
+            let n = t.read(&mut tmp)?;
+            let mut done = 0;
+            for v in iov.iter() {
+                if done == n {
+                    break;
+                }
+                let k = v.iov_len.min(n - done);
+                // SAFETY: the caller guarantees `v` describes `iov_len` writable bytes.
+                unsafe { std::ptr::copy_nonoverlapping(tmp[done..].as_ptr(), v.iov_base.cast(), k) };
+                done += k;
+            }
+            return Ok(n);
+        }
         let n = iov.len().min(1024);
         // SAFETY: the caller guarantees the iovecs describe writable, unaliased memory;
         // readv writes at most their total length.
@@ -200,6 +264,7 @@ impl Read for Channel {
             Channel::Tcp(s) => s.read(buf),
             Channel::Unix(s) => s.read(buf),
             Channel::File(f) => f.read(buf),
+            Channel::Tls(t) => t.read(buf),
         }
     }
 }
@@ -210,6 +275,7 @@ impl Write for Channel {
             Channel::Tcp(s) => s.write(buf),
             Channel::Unix(s) => s.write(buf),
             Channel::File(f) => f.write(buf),
+            Channel::Tls(t) => t.write(buf),
         }
     }
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
@@ -217,6 +283,7 @@ impl Write for Channel {
             Channel::Tcp(s) => s.write_vectored(bufs),
             Channel::Unix(s) => s.write_vectored(bufs),
             Channel::File(f) => f.write_vectored(bufs),
+            Channel::Tls(t) => t.write_vectored(bufs),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -224,6 +291,7 @@ impl Write for Channel {
             Channel::Tcp(s) => s.flush(),
             Channel::Unix(s) => s.flush(),
             Channel::File(f) => f.flush(),
+            Channel::Tls(t) => t.flush(),
         }
     }
 }

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod demo;
 pub mod migrate;
+pub mod objects;
 pub mod probe;
 pub mod qmp_cmd;
 pub mod run;

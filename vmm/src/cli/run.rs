@@ -64,6 +64,13 @@ pub struct RunArgs {
     /// `migration.x-multifd=on`, `migration.x-max-bandwidth=64M`, `migration.x-clear-bitmap-shift=14`.
     #[arg(long = "global", value_name = "migration.NAME=VALUE")]
     pub globals: Vec<String>,
+    /// An object, as with QEMU's -object (repeatable):
+    /// `tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off]`
+    /// (DIR holds ca-cert.pem and server-cert.pem/server-key.pem or client-cert.pem/client-key.pem),
+    /// `authz-simple,id=ID,identity=DN`, or
+    /// `authz-list,id=ID[,policy=allow|deny],rules.N.match=DN[,rules.N.policy=allow|deny][,rules.N.format=exact|glob]`.
+    #[arg(long = "object", value_name = "TYPE,id=ID,...")]
+    pub objects: Vec<String>,
 }
 
 fn parse_dirty_tracking(text: &str) -> Result<DirtyMode, String> {
@@ -106,6 +113,9 @@ struct Built {
 }
 
 fn build(a: &RunArgs) -> Result<Built, String> {
+    for o in &a.objects {
+        crate::cli::objects::add_object(o)?;
+    }
     let mut globals = GlobalSettings::default();
     for g in &a.globals {
         apply_global_arg(&mut globals, g)?;
@@ -160,11 +170,10 @@ fn build(a: &RunArgs) -> Result<Built, String> {
                 clear_shift: u32::from(clear_shift),
             },
         },
-        incoming: a.incoming.clone().or_else(|| {
-            a.restore
-                .as_ref()
-                .map(|p| format!("file:{}", p.display()))
-        }),
+        incoming: a
+            .incoming
+            .clone()
+            .or_else(|| a.restore.as_ref().map(|p| format!("file:{}", p.display()))),
         uuid,
         globals,
     })
