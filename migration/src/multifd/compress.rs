@@ -51,14 +51,18 @@ impl Compressor {
                 Compression::new(u32::from(level.min(9))),
                 true,
             ))),
-            Method::Zstd => Ctx::Zstd(Box::new(
-                zstd::bulk::Compressor::new(i32::from(level)).map_err(|source| {
-                    CompressError::Setup {
-                        method: "zstd",
-                        source,
-                    }
-                })?,
-            )),
+            Method::Zstd => {
+                let setup = |source| CompressError::Setup {
+                    method: "zstd",
+                    source,
+                };
+                let mut c = zstd::bulk::Compressor::new(i32::from(level)).map_err(setup)?;
+                // A content checksum (as zlib's adler32) makes corrupt data an error rather
+                // than wrong pages.
+                c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+                    .map_err(setup)?;
+                Ctx::Zstd(Box::new(c))
+            }
         };
         Ok(Compressor { ctx })
     }

@@ -37,7 +37,7 @@ mod tests;
 
 pub use packet::Method;
 pub use recv::MultifdReceiver;
-pub use send::{MultifdSender, SendConfig, SendEnv};
+pub use send::{MultifdSender, PacketBuilder, SendConfig, SendEnv};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

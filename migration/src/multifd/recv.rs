@@ -3,7 +3,7 @@
 //! [`crate::multifd`]).
 
 use std::io::Read;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -149,6 +149,7 @@ pub struct MultifdReceiver {
     synced: Receiver<Synced>,
     error: Arc<Mutex<Option<String>>>,
     unsynced: Arc<Vec<AtomicU64>>,
+    finishing: Arc<AtomicBool>,
 }
 
 impl MultifdReceiver {
@@ -167,6 +168,7 @@ impl MultifdReceiver {
         let error = Arc::new(Mutex::new(None));
         let unsynced: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
         let main = main.map(Arc::new);
+        let finishing = Arc::new(AtomicBool::new(false));
         let mut me = MultifdReceiver {
             sockets: Vec::with_capacity(n),
             threads: Vec::with_capacity(n),
@@ -174,6 +176,7 @@ impl MultifdReceiver {
             synced,
             error: error.clone(),
             unsynced: unsynced.clone(),
+            finishing: finishing.clone(),
         };
         for (id, ch) in channels.into_iter().enumerate() {
             me.sockets
@@ -191,22 +194,22 @@ impl MultifdReceiver {
                 unsynced: unsynced.clone(),
             };
             let (tx, err, main) = (synced_tx.clone(), error.clone(), main.clone());
+            let finishing = finishing.clone();
             let t = std::thread::Builder::new()
                 .name(format!("multifd-recv-{id}"))
-                .spawn(move || match ctx.run(&tx, &rel_rx) {
-                    Ok(false) => {}
-                    // Closed at a packet boundary: fine after the last SYNC (finish ignores
-                    // it), an error for a flush still waiting for this channel.
-                    Ok(true) => {
-                        let _ = tx.send((
+                .spawn(move || {
+                    let result = match ctx.run(&tx, &rel_rx) {
+                        Ok(false) => Ok(()),
+                        // The source keeps its channels open until the destination has
+                        // confirmed the load, so an end before finish() is a failure.
+                        Ok(true) if finishing.load(Ordering::Acquire) => Ok(()),
+                        Ok(true) => Err(chan_err(
                             id,
-                            Err(chan_err(
-                                id,
-                                "the source closed the channel before the end of the migration",
-                            )),
-                        ));
-                    }
-                    Err(e) => {
+                            "the source closed the channel before the end of the migration",
+                        )),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = result {
                         if let Ok(mut slot) = err.lock() {
                             slot.get_or_insert_with(|| e.to_string());
                         }
@@ -256,6 +259,7 @@ impl MultifdReceiver {
     /// The END frame: stops the channels (each must be parked after its last SYNC, with
     /// nothing applied since) and joins them.
     pub fn finish(&mut self) -> Result<()> {
+        self.finishing.store(true, Ordering::Release);
         self.releases.clear();
         for s in &self.sockets {
             s.shutdown_read();
@@ -277,6 +281,7 @@ impl MultifdReceiver {
 
 impl Drop for MultifdReceiver {
     fn drop(&mut self) {
+        self.finishing.store(true, Ordering::Release);
         self.releases.clear();
         for s in &self.sockets {
             s.shutdown();

@@ -164,12 +164,8 @@ impl MultifdSender {
                 env: env.clone(),
                 stats: stats.clone(),
                 method: cfg.method,
-                compressor: Compressor::new(cfg.method, cfg.level)
+                builder: PacketBuilder::new(cfg.method, cfg.level)
                     .map_err(|e| MigrationError::Config(e.to_string()))?,
-                pages: PacketPages::default(),
-                head: Vec::with_capacity(64 + PAGES_PER_PACKET * 24),
-                staging: Vec::new(),
-                out: Vec::new(),
             };
             let ack = ack_tx.clone();
             let t = std::thread::Builder::new()
@@ -371,6 +367,163 @@ impl Drop for MultifdSender {
     }
 }
 
+/// Turns a batch of pages into a packet: finds zero pages, hashes the others and, with
+/// compression, copies them into a staging buffer and compresses them (raw when that does
+/// not shrink them). Its buffers and compression context are reused from packet to packet.
+pub struct PacketBuilder {
+    method: Method,
+    compressor: Compressor,
+    pages: PacketPages,
+    head: Vec<u8>,
+    staging: Vec<u8>,
+    out: Vec<u8>,
+    data: DataKind,
+    data_len: usize,
+    normal_mask: Vec<bool>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DataKind {
+    /// The normal pages themselves (no compression).
+    Pages,
+    /// The staging copy (compression did not shrink it).
+    Staging,
+    /// The compressed bytes.
+    Compressed,
+}
+
+impl PacketBuilder {
+    /// A builder for `method` at `level`.
+    pub fn new(
+        method: Method,
+        level: u8,
+    ) -> std::result::Result<Self, super::compress::CompressError> {
+        Ok(PacketBuilder {
+            method,
+            compressor: Compressor::new(method, level)?,
+            pages: PacketPages::default(),
+            head: Vec::with_capacity(64 + PAGES_PER_PACKET * 24),
+            staging: Vec::new(),
+            out: Vec::new(),
+            data: DataKind::Pages,
+            data_len: 0,
+            normal_mask: Vec::with_capacity(PAGES_PER_PACKET),
+        })
+    }
+
+    /// Prepares packet `packet_num` of pass `pass` for `pages` (RAM offset, bytes); at most
+    /// [`PAGES_PER_PACKET`] of them.
+    pub fn build(&mut self, pages: &[(u64, &[u8])], packet_num: u64, pass: u64) {
+        self.pages.clear();
+        self.normal_mask.clear();
+        let pages = &pages[..pages.len().min(PAGES_PER_PACKET)];
+        for &(offset, bytes) in pages {
+            let normal = !is_zero_page(bytes);
+            self.normal_mask.push(normal);
+            if normal {
+                self.pages.normal.push((offset, 0));
+            } else {
+                self.pages.zero.push(offset);
+            }
+        }
+        let raw_len = self.pages.normal.len() * PAGE_SIZE;
+        let mut flags = self.method.flag();
+        let mask = &self.normal_mask;
+        let normal_bytes = pages
+            .iter()
+            .zip(mask.iter())
+            .filter(|(_, &n)| n)
+            .map(|(p, _)| p.1);
+        if self.method == Method::None {
+            // Hashed here and sent straight from guest memory (see stream::ram for why a
+            // page that changes in flight is harmless).
+            for ((_, hash), bytes) in self.pages.normal.iter_mut().zip(normal_bytes) {
+                *hash = page_hash(bytes);
+            }
+            self.data = DataKind::Pages;
+            self.data_len = raw_len;
+        } else {
+            // Compressors get a stable copy: deflate may emit a broken stream when its input
+            // changes under it (QEMU copies for zlib for that reason).
+            if self.staging.len() < raw_len {
+                self.staging.resize(raw_len, 0);
+            }
+            for (i, ((_, hash), src)) in self.pages.normal.iter_mut().zip(normal_bytes).enumerate()
+            {
+                let dst = &mut self.staging[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+                if src.len() == PAGE_SIZE {
+                    dst.copy_from_slice(src);
+                }
+                *hash = page_hash(dst);
+            }
+            match self
+                .compressor
+                .compress(&self.staging[..raw_len], &mut self.out)
+            {
+                Some(n) => {
+                    self.data = DataKind::Compressed;
+                    self.data_len = n;
+                }
+                None => {
+                    flags |= FLAG_RAW;
+                    self.data = DataKind::Staging;
+                    self.data_len = raw_len;
+                }
+            }
+        }
+        if self.pages.normal.is_empty() {
+            flags = self.method.flag();
+            self.data = DataKind::Pages;
+            self.data_len = 0;
+        }
+        let header = PacketHeader {
+            flags,
+            pages_alloc: PAGES_PER_PACKET as u32,
+            normal_pages: self.pages.normal.len() as u32,
+            next_packet_size: self.data_len as u32,
+            packet_num,
+            zero_pages: self.pages.zero.len() as u32,
+            pass,
+        };
+        self.pages.encode(&header, &mut self.head);
+    }
+
+    /// The packet up to its data (header, offsets, hashes, checksum).
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    /// The data area when the builder holds it (compressed, or staged raw); None when the
+    /// data is the normal pages themselves, sent from where they are.
+    pub fn data(&self) -> Option<&[u8]> {
+        match self.data {
+            DataKind::Pages => None,
+            DataKind::Staging => Some(&self.staging[..self.data_len]),
+            DataKind::Compressed => Some(&self.out[..self.data_len]),
+        }
+    }
+
+    /// Bytes of the data area.
+    pub fn data_len(&self) -> usize {
+        self.data_len
+    }
+
+    /// Pages with data in the packet.
+    pub fn normal_pages(&self) -> usize {
+        self.pages.normal.len()
+    }
+
+    /// Zero pages in the packet.
+    pub fn zero_pages(&self) -> usize {
+        self.pages.zero.len()
+    }
+
+    /// Whether the `i`th page given to [`PacketBuilder::build`] went in as a normal page.
+    pub fn is_normal(&self, i: usize) -> bool {
+        self.normal_mask.get(i).copied().unwrap_or(false)
+    }
+}
+
 /// One channel's thread state: socket, buffers, compression context.
 struct Worker {
     id: usize,
@@ -380,11 +533,7 @@ struct Worker {
     env: Arc<dyn SendEnv>,
     stats: Arc<MultifdStats>,
     method: Method,
-    compressor: Compressor,
-    pages: PacketPages,
-    head: Vec<u8>,
-    staging: Vec<u8>,
-    out: Vec<u8>,
+    builder: PacketBuilder,
 }
 
 impl Worker {
@@ -449,74 +598,30 @@ impl Worker {
 
     fn send_pages(&mut self, pages: &[u64], phase: Phase, pass: u64) -> Result<()> {
         let ram = self.ram.clone();
-        self.pages.clear();
+        let mut list = Vec::with_capacity(pages.len());
         for &p in pages {
             let bytes = ram
                 .page(p)
                 .ok_or_else(|| MigrationError::Vm(format!("page {p} is outside guest RAM")))?;
-            if is_zero_page(bytes) {
-                self.pages.zero.push(p << PAGE_SHIFT);
-            } else {
-                self.pages.normal.push((p << PAGE_SHIFT, 0));
-            }
+            list.push((p << PAGE_SHIFT, bytes));
         }
-        let normal = self.pages.normal.len();
-        let raw_len = normal * PAGE_SIZE;
-        let mut flags = self.method.flag();
-        let data_len;
-        if self.method == Method::None {
-            // Hashed and sent straight from guest memory (see stream::ram for why a page
-            // that changes in flight is harmless).
-            for (offset, hash) in self.pages.normal.iter_mut() {
-                let bytes = ram.page(*offset >> PAGE_SHIFT).unwrap_or(&[]);
-                *hash = page_hash(bytes);
-            }
-            data_len = raw_len;
-        } else {
-            // Compressors get a stable copy: deflate may emit a broken stream when its input
-            // changes under it (QEMU copies for zlib for that reason).
-            if self.staging.len() < raw_len {
-                self.staging.resize(raw_len, 0);
-            }
-            for (i, (offset, hash)) in self.pages.normal.iter_mut().enumerate() {
-                let dst = &mut self.staging[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
-                dst.copy_from_slice(ram.page(*offset >> PAGE_SHIFT).unwrap_or(&[0; PAGE_SIZE]));
-                *hash = page_hash(dst);
-            }
-            match self
-                .compressor
-                .compress(&self.staging[..raw_len], &mut self.out)
-            {
-                Some(n) => data_len = n,
-                None => {
-                    flags |= FLAG_RAW;
-                    data_len = raw_len;
-                }
-            }
-        }
-        let header = PacketHeader {
-            flags,
-            pages_alloc: PAGES_PER_PACKET as u32,
-            normal_pages: normal as u32,
-            next_packet_size: data_len as u32,
-            packet_num: self.next_packet_num(),
-            zero_pages: self.pages.zero.len() as u32,
-            pass,
-        };
-        self.pages.encode(&header, &mut self.head);
-        let head_len = self.head.len();
+        let num = self.next_packet_num();
+        let b = &mut self.builder;
+        b.build(&list, num, pass);
+        let (normal, zero) = (b.normal_pages(), b.zero_pages());
+        let (raw_len, data_len) = (normal * PAGE_SIZE, b.data_len());
+        let head_len = b.head().len();
         {
             let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(normal + 1);
-            slices.push(IoSlice::new(&self.head));
-            if normal > 0 {
-                if self.method == Method::None {
-                    for &(offset, _) in &self.pages.normal {
-                        slices.push(IoSlice::new(ram.page(offset >> PAGE_SHIFT).unwrap_or(&[])));
+            slices.push(IoSlice::new(b.head()));
+            match b.data() {
+                Some(d) => slices.push(IoSlice::new(d)),
+                None => {
+                    for (i, &(_, bytes)) in list.iter().enumerate() {
+                        if b.is_normal(i) {
+                            slices.push(IoSlice::new(bytes));
+                        }
                     }
-                } else if flags & FLAG_RAW != 0 {
-                    slices.push(IoSlice::new(&self.staging[..raw_len]));
-                } else {
-                    slices.push(IoSlice::new(&self.out[..data_len]));
                 }
             }
             let r = match self.zc.as_mut() {
@@ -533,13 +638,12 @@ impl Worker {
         let s = self.stats();
         s.packets.fetch_add(1, Ordering::Relaxed);
         s.normal_pages.fetch_add(normal as u64, Ordering::Relaxed);
-        s.zero_pages
-            .fetch_add(self.pages.zero.len() as u64, Ordering::Relaxed);
+        s.zero_pages.fetch_add(zero as u64, Ordering::Relaxed);
         s.raw_bytes.fetch_add(raw_len as u64, Ordering::Relaxed);
         s.data_bytes.fetch_add(data_len as u64, Ordering::Relaxed);
         let c = self.env.counters();
         c.add_normal_pages(normal as u64);
-        c.add_zero_pages(self.pages.zero.len() as u64);
+        c.add_zero_pages(zero as u64);
         self.account((head_len + data_len) as u64, phase)
     }
 
@@ -551,7 +655,6 @@ impl Worker {
                 Err(e) => return Err(self.io_err(e)),
             }
         }
-        self.pages.clear();
         let header = PacketHeader {
             flags: FLAG_SYNC | self.method.flag(),
             pages_alloc: PAGES_PER_PACKET as u32,
@@ -561,11 +664,12 @@ impl Worker {
             zero_pages: 0,
             pass,
         };
-        self.pages.encode(&header, &mut self.head);
-        if let Err(e) = self.ch.write_all(&self.head).and_then(|_| self.ch.flush()) {
+        let mut head = Vec::with_capacity(64);
+        PacketPages::default().encode(&header, &mut head);
+        if let Err(e) = self.ch.write_all(&head).and_then(|_| self.ch.flush()) {
             return Err(self.io_err(e));
         }
         self.stats().packets.fetch_add(1, Ordering::Relaxed);
-        self.account(self.head.len() as u64, phase)
+        self.account(head.len() as u64, phase)
     }
 }

@@ -161,8 +161,9 @@ fn migrate(
         s.sync(pass, Phase::Precopy).unwrap();
     }
     let stats = s.stats();
-    s.finish().unwrap();
+    // As in a migration: the destination finishes (at END) before the source closes.
     receiver.join().unwrap();
+    s.finish().unwrap();
     assert_eq!(
         src.digest(),
         dst.digest(),
@@ -390,6 +391,21 @@ fn a_channel_closed_midway_fails_with_a_clear_error() {
 }
 
 #[test]
+fn a_channel_closed_between_packets_fails_at_once() {
+    let (c, r) = raw_channel(Method::None, "between");
+    drop(c);
+    let t = Instant::now();
+    while r.error().is_none() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let e = r.error().unwrap().to_string();
+    assert!(
+        e.contains("the source closed the channel before the end"),
+        "{e}"
+    );
+}
+
+#[test]
 fn pages_after_the_last_sync_are_refused_at_the_end() {
     let (mut c, mut r) = raw_channel(Method::None, "late");
     let mut b = Vec::new();
@@ -531,8 +547,8 @@ fn zero_copy_over_tcp_delivers_the_same_memory() {
     s.send_bitmap(&bitmap, None, Phase::Precopy, 1, || Ok(()))
         .unwrap();
     s.sync(1, Phase::Precopy).unwrap();
-    s.finish().unwrap();
     receiver.join().unwrap();
+    s.finish().unwrap();
     assert_eq!(src.digest(), dst.digest());
     book.check_complete().unwrap();
 }

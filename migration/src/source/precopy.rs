@@ -565,14 +565,16 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
         Phase::Downtime,
         out.bytes_written() - before,
     );
-    if let Some(mfd) = channels.take() {
-        mfd.finish().map_err(|e| replies.explain(e))?;
-    }
     if bidirectional {
         replies.wait_loaded(&shared.cancel)?;
         Reply::Commit
             .write_to(out.get_mut())
             .map_err(|e| MigrationError::DestinationLost(format!("sending COMMIT: {e}")))?;
+        // Channels stay open until the destination confirmed: it treats an earlier end
+        // of a channel as a failure.
+        if let Some(mfd) = channels.take() {
+            mfd.finish()?;
+        }
     } else if let Channel::File(f) = out.get_mut() {
         f.sync_data()
             .map_err(|e| MigrationError::Vm(format!("syncing the migration file: {e}")))?;
