@@ -1,4 +1,18 @@
 //! What the user asks for: `--memory SIZE[,backend=..][,mem-path=FILE][,share=on|off][,prealloc=on][,hugepages=thp|hugetlb]`.
+//!
+//! | option | guest memory is | notes |
+//! |---|---|---|
+//! | *(default)*, `backend=memfd` | a memfd mapped shared | write-protectable (background snapshots), shareable with another process (`ferry upgrade`) |
+//! | `backend=anon` (or `share=off`) | anonymous private memory | the cheapest to fault in; with `hugepages=thp` the fastest to receive into |
+//! | `mem-path=FILE[,share=on\|off]` | the file, mapped shared (`on`: guest writes reach the file) or private (`off`, the default: copy on write, the file never changes) | like QEMU's memory-backend-file: /dev/shm, a hugetlbfs mount or a plain file; its contents are the guest's memory at boot; a shorter file is extended, a read-only file is fine with `share=off` |
+//! | `hugepages=thp` | MADV_HUGEPAGE on 2 MiB-aligned mappings | anonymous memory follows /sys/kernel/mm/transparent_hugepage/enabled, memfd/tmpfs memory its `shmem_enabled` (a warning says when the host's policy gives none) |
+//! | `hugepages=hugetlb` | MFD_HUGETLB / MAP_HUGETLB (or a file on hugetlbfs) | the host must have enough free huge pages reserved (`/proc/sys/vm/nr_hugepages`); Ferry refuses to start otherwise, naming the numbers |
+//! | `prealloc=on` | every page faulted in at start | MADV_POPULATE_WRITE on all CPUs, with a progress line for guests of 1 GiB or more |
+//!
+//! A booting test guest writes its GDT, page tables, code, banner, mailboxes and stacks into
+//! the first 2 MiB of RAM: with `mem-path` those bytes of the file's image are overwritten
+//! (in the file itself with `share=on`). The rest of the file stays as it was unless the
+//! guest's working set (from 2 MiB on) covers it. An incoming guest writes nothing at start.
 
 use std::path::PathBuf;
 use std::str::FromStr;

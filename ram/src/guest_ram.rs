@@ -125,8 +125,18 @@ impl GuestRam {
             memory,
             track_host_writes: AtomicBool::new(false),
         };
-        for r in &ram.regions {
-            if ram.config.hugepages == HugePages::Thp {
+        if ram.config.hugepages == HugePages::Thp {
+            if let Err(why) = backend::thp_available(ram.backing.shared) {
+                eprintln!(
+                    "ferry: warning: hugepages=thp: {why}; guest memory uses 4 KiB pages{}",
+                    if ram.backing.shared {
+                        " (backend=anon gets transparent huge pages where the host allows them for anonymous memory)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            for r in &ram.regions {
                 backend::madvise(
                     r.host_addr as *mut u8,
                     r.size as usize,
@@ -136,17 +146,47 @@ impl GuestRam {
             }
         }
         if ram.config.prealloc {
-            ram.populate(threads_for_populate())?;
+            ram.preallocate(threads_for_populate())?;
         }
         Ok(ram)
     }
 
-    /// Faults in all guest memory, writable, using `threads` threads.
-    pub fn populate(&self, threads: usize) -> Result<(), RamError> {
-        for r in &self.regions {
-            backend::populate(r.host_addr as *mut u8, r.size as usize, threads)?;
+    /// `prealloc=on`: populates everything on `threads` threads; for guests of
+    /// [`PROGRESS_LINE_MIN`] or more, a progress line on stderr (updated in place when it is
+    /// a terminal) and a summary line.
+    fn preallocate(&self, threads: usize) -> Result<(), RamError> {
+        let size = self.size();
+        let show = size >= PROGRESS_LINE_MIN;
+        // SAFETY: isatty only inspects the descriptor.
+        let live = show && unsafe { libc::isatty(2) } == 1;
+        let mut shown = 0u64;
+        let stats = self.populate_with_progress(threads, |done, total| {
+            if live && done > shown && done < total {
+                shown = done;
+                eprint!(
+                    "\rferry: preallocating guest memory: {:>3}% ({} of {} MiB)",
+                    done * 100 / total.max(1),
+                    done >> 20,
+                    total >> 20
+                );
+            }
+        })?;
+        if show {
+            eprintln!(
+                "{}ferry: preallocated {} MiB of guest memory in {:.2} s ({:.2} GiB/s, {} threads)",
+                if live { "\r" } else { "" },
+                size >> 20,
+                stats.elapsed.as_secs_f64(),
+                stats.bytes_per_second() / (1u64 << 30) as f64,
+                stats.threads,
+            );
         }
         Ok(())
+    }
+
+    /// Faults in all guest memory, writable, using `threads` threads.
+    pub fn populate(&self, threads: usize) -> Result<(), RamError> {
+        self.populate_with_progress(threads, |_, _| {}).map(|_| ())
     }
 
     /// The configuration this RAM was made from.
@@ -368,8 +408,13 @@ impl GuestRam {
     }
 }
 
-fn threads_for_populate() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+/// Guests this large or larger show a progress line while `prealloc=on` populates them.
+pub const PROGRESS_LINE_MIN: u64 = 1 << 30;
+
+/// Threads that populate guest memory: one per CPU, at most 8 (more only contend on the
+/// kernel's page allocator).
+pub fn threads_for_populate() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
 
 impl Drop for GuestRam {

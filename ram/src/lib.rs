@@ -20,6 +20,7 @@ pub mod config;
 pub mod geometry;
 pub mod guest_ram;
 pub mod layout;
+pub mod populate;
 pub mod residency;
 pub mod size;
 
@@ -29,4 +30,5 @@ pub use bitmap::AtomicBitmap;
 pub use config::{Backend, HugePages, MemoryConfig};
 pub use geometry::{pages_for, PAGE_SHIFT, PAGE_SIZE};
 pub use guest_ram::{GuestRam, RamRegion};
+pub use populate::{BackgroundPopulate, PopulateStats};
 pub use size::{parse_size, parse_size_default_unit, SizeError};

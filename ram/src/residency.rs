@@ -27,12 +27,14 @@ fn seek(fd: i32, offset: u64, whence: i32) -> io::Result<Option<u64>> {
     Ok(Some(r as u64))
 }
 
-/// Data ranges of a shared file-backed region from SEEK_DATA/SEEK_HOLE.
+/// Data ranges of a file-backed region from SEEK_DATA/SEEK_HOLE.
 fn file_data_ranges(fd: i32, r: &RamRegion, out: &mut PageRanges) -> io::Result<()> {
     let end = r.ram_offset + r.size;
     let mut pos = r.ram_offset;
     while pos < end {
-        let Some(data) = seek(fd, pos, libc::SEEK_DATA)? else { break };
+        let Some(data) = seek(fd, pos, libc::SEEK_DATA)? else {
+            break;
+        };
         if data >= end {
             break;
         }
@@ -78,23 +80,56 @@ fn pagemap_ranges(r: &RamRegion, out: &mut PageRanges) -> io::Result<()> {
     Ok(())
 }
 
+/// The union of two sorted lists of half-open ranges, merged where they touch.
+fn union(a: &[(u64, u64)], b: &[(u64, u64)]) -> PageRanges {
+    let mut all: Vec<(u64, u64)> = a.iter().chain(b).copied().collect();
+    all.sort_unstable();
+    let mut out: PageRanges = Vec::with_capacity(all.len());
+    for (s, e) in all {
+        match out.last_mut() {
+            Some((_, last)) if *last >= s => *last = (*last).max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// The ranges of one region that may hold data.
+fn region_ranges(shared: bool, file: Option<i32>, r: &RamRegion) -> io::Result<PageRanges> {
+    let mut out = Vec::new();
+    match (shared, file) {
+        // The mapping is the file: its holes read as zero.
+        (true, Some(fd)) => file_data_ranges(fd, r, &mut out)?,
+        // A private mapping of a file: a page never written reads the file's bytes (even
+        // before it is faulted in), a written one is an anonymous copy that pagemap sees.
+        (false, Some(fd)) => {
+            let mut from_file = Vec::new();
+            file_data_ranges(fd, r, &mut from_file)?;
+            pagemap_ranges(r, &mut out)?;
+            out = union(&from_file, &out);
+        }
+        (_, None) => pagemap_ranges(r, &mut out)?,
+    }
+    Ok(out)
+}
+
 impl GuestRam {
     /// RAM page ranges that may hold data; pages outside them read as zero.
     ///
-    /// Exact for shared memfds and shared files (SEEK_DATA), and for private mappings
-    /// (pagemap: present or swapped). When neither works, every page is reported.
+    /// Exact for shared memfds and shared files (SEEK_DATA), for anonymous mappings
+    /// (pagemap: present or swapped), and for private mappings of a file (the file's data
+    /// ranges plus the pages written since, from pagemap). When none works, every page is
+    /// reported.
     pub fn data_ranges(&self) -> PageRanges {
         let mut out = Vec::new();
+        let fd = self.backing_file().map(|f| f.as_raw_fd());
         for r in self.regions() {
-            let before = out.len();
-            let ok = match (self.is_shared(), self.backing_file()) {
-                (true, Some(f)) => file_data_ranges(f.as_raw_fd(), r, &mut out).is_ok(),
-                _ => pagemap_ranges(r, &mut out).is_ok(),
-            };
-            if !ok {
-                out.truncate(before);
-                let first = r.ram_offset / PAGE_SIZE as u64;
-                out.push((first, first + r.size / PAGE_SIZE as u64));
+            match region_ranges(self.is_shared(), fd, r) {
+                Ok(ranges) => out.extend(ranges),
+                Err(_) => {
+                    let first = r.ram_offset / PAGE_SIZE as u64;
+                    out.push((first, first + r.size / PAGE_SIZE as u64));
+                }
             }
         }
         out
@@ -114,6 +149,59 @@ mod tests {
             prealloc: false,
         })
         .unwrap()
+    }
+
+    fn file_ram(path: &std::path::Path, share: bool) -> GuestRam {
+        GuestRam::new(&MemoryConfig {
+            size: 16 << 20,
+            backend: Backend::File {
+                path: path.to_path_buf(),
+                share,
+            },
+            hugepages: HugePages::None,
+            prealloc: false,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_private_file_mapping_reports_the_files_data_before_it_is_touched() {
+        use std::os::unix::fs::FileExt;
+        let path = std::env::temp_dir().join(format!("ferry-residency-{}", std::process::id()));
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(16 << 20).unwrap();
+        // Data in pages 10 and 3000 of the file; nothing else.
+        f.write_all_at(&[0xab; 4096], 10 * 4096).unwrap();
+        f.write_all_at(&[0xcd; 8], 3000 * 4096 + 16).unwrap();
+        drop(f);
+        for share in [false, true] {
+            let r = file_ram(&path, share);
+            // Written through the mapping: a private copy for share=off.
+            r.write_u64(500 * 4096, 7).unwrap();
+            let ranges = r.data_ranges();
+            let covered = |p: u64| ranges.iter().any(|&(s, e)| p >= s && p < e);
+            for p in [10u64, 3000, 500] {
+                assert!(covered(p), "share={share}: page {p} not in {ranges:?}");
+                assert!(!r.is_zero(p), "share={share}: page {p}");
+            }
+            for p in 0..r.page_count() {
+                if !covered(p) {
+                    assert!(r.is_zero(p), "share={share}: page {p} outside the ranges");
+                }
+            }
+            let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();
+            assert!(total < 64, "share={share}: far too much: {ranges:?}");
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn union_merges_overlapping_and_touching_ranges() {
+        assert_eq!(
+            super::union(&[(0, 2), (10, 12)], &[(1, 3), (3, 4), (20, 21)]),
+            vec![(0, 4), (10, 12), (20, 21)]
+        );
+        assert_eq!(super::union(&[], &[(5, 6)]), vec![(5, 6)]);
     }
 
     #[test]
@@ -139,7 +227,10 @@ mod tests {
             // Every page outside the ranges must really be zero.
             for p in 0..r.page_count() {
                 if !covered(p) {
-                    assert!(r.is_zero(p), "{b:?}: page {p} outside the ranges is not zero");
+                    assert!(
+                        r.is_zero(p),
+                        "{b:?}: page {p} outside the ranges is not zero"
+                    );
                 }
             }
             let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();

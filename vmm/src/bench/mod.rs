@@ -1,8 +1,9 @@
 //! End-to-end figures of a real Ferry, behind `ferry bench`: one module per benchmark
-//! (`boot` now; `migrate` and others beside it), plus what they share (summary statistics,
-//! a process's memory from /proc).
+//! (`boot`, `migrate`), plus what they share (summary statistics, a process's memory from
+//! /proc).
 
 pub mod boot;
+pub mod migrate;
 pub mod proc_status;
 pub mod stats;
 

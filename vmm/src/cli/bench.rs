@@ -24,6 +24,9 @@ pub enum BenchCommand {
     /// Time from process start to the guest's first serial byte, and the VMM's memory
     /// overhead (RSS beyond guest RAM) at idle.
     Boot(BootArgs),
+    /// Migration figures as ratios to references measured in the same run: first-pass
+    /// throughput vs TCP (plain and multifd), downtime, rate-limiter accuracy, dirty-sync cost.
+    Migrate(crate::bench::migrate::MigrateArgs),
 }
 
 /// Arguments of `ferry bench boot`.
@@ -62,6 +65,7 @@ pub struct BootArgs {
 pub fn run(a: BenchArgs) -> i32 {
     match a.what {
         BenchCommand::Boot(b) => boot(b),
+        BenchCommand::Migrate(m) => crate::bench::migrate::main(m),
     }
 }
 

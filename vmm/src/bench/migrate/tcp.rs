@@ -1,0 +1,175 @@
+//! The reference every throughput figure is a ratio to: plain TCP over the same link, in
+//! this process, in the same run.
+//!
+//! N sender threads each write `bytes / N` from a 1 MiB buffer into their own connection;
+//! N receiver threads read into their own pre-faulted 1 MiB buffer and throw the data away.
+//! The time runs from the moment every connection is up until the last byte has been
+//! read. On a host pair the sender threads enter the first host's network namespace and
+//! the receivers the second's (setns), so the reference crosses the same veth link as the
+//! migration does.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// Bytes per write and per read.
+const BUF: usize = 1 << 20;
+
+/// One reference measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct TcpFigure {
+    /// Parallel streams.
+    pub streams: usize,
+    /// Bytes moved (all streams).
+    pub bytes: u64,
+    /// Best of the runs, GiB/s.
+    pub gib_per_s: f64,
+    /// Every run, GiB/s.
+    pub runs_gib_per_s: Vec<f64>,
+}
+
+/// Where the two ends run.
+#[derive(Debug, Clone, Default)]
+pub struct TcpEnds {
+    /// Network namespace of the senders (None: this one).
+    pub sender_netns: Option<String>,
+    /// Network namespace of the receivers (None: this one).
+    pub receiver_netns: Option<String>,
+    /// Address the receivers listen on and the senders connect to.
+    pub addr: Option<Ipv4Addr>,
+}
+
+fn enter_netns(name: &Option<String>) -> std::io::Result<()> {
+    let Some(name) = name else { return Ok(()) };
+    let f = std::fs::File::open(format!("/run/netns/{name}"))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns with a namespace fd changes only this thread's network namespace.
+    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Moves `bytes` over `streams` parallel connections once; returns GiB/s.
+pub fn measure_once(ends: &TcpEnds, streams: usize, bytes: u64) -> std::io::Result<f64> {
+    let streams = streams.max(1);
+    let per = (bytes / streams as u64).max(BUF as u64);
+    let addr_ip = ends.addr.unwrap_or(Ipv4Addr::LOCALHOST);
+    // Listen from inside the receivers' namespace.
+    let rx_ns = ends.receiver_netns.clone();
+    let listener = std::thread::spawn(move || -> std::io::Result<TcpListener> {
+        enter_netns(&rx_ns)?;
+        TcpListener::bind(SocketAddr::from((addr_ip, 0)))
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("listener thread panicked"))??;
+    let addr = listener.local_addr()?;
+    let start = Arc::new(Barrier::new(2 * streams + 1));
+    let mut handles = Vec::new();
+    let mut send_handles = Vec::new();
+    for _ in 0..streams {
+        // The socket is created inside the senders' namespace; once connected it works from
+        // any thread. Connecting completes through the listen backlog, before accept.
+        let tx_ns = ends.sender_netns.clone();
+        let mut tx = std::thread::spawn(move || -> std::io::Result<TcpStream> {
+            enter_netns(&tx_ns)?;
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        })
+        .join()
+        .map_err(|_| std::io::Error::other("connect thread panicked"))??;
+        let (mut rx, _) = listener.accept()?;
+        let b = start.clone();
+        handles.push(std::thread::spawn(move || -> std::io::Result<u64> {
+            let mut buf = vec![1u8; BUF];
+            b.wait();
+            let mut got = 0u64;
+            while got < per {
+                match rx.read(&mut buf)? {
+                    0 => break,
+                    n => got += n as u64,
+                }
+            }
+            Ok(got)
+        }));
+        let b = start.clone();
+        send_handles.push(std::thread::spawn(move || -> std::io::Result<()> {
+            let buf = vec![0x5au8; BUF];
+            b.wait();
+            let mut sent = 0u64;
+            while sent < per {
+                let n = (per - sent).min(BUF as u64) as usize;
+                tx.write_all(&buf[..n])?;
+                sent += n as u64;
+            }
+            tx.flush()
+        }));
+    }
+    start.wait();
+    let t0 = Instant::now();
+    let mut total = 0u64;
+    for h in handles {
+        total += h
+            .join()
+            .map_err(|_| std::io::Error::other("receiver thread panicked"))??;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    for h in send_handles {
+        h.join()
+            .map_err(|_| std::io::Error::other("sender thread panicked"))??;
+    }
+    if total < per * streams as u64 {
+        return Err(std::io::Error::other(format!(
+            "the reference stream ended early ({total} of {} bytes)",
+            per * streams as u64
+        )));
+    }
+    Ok(total as f64 / elapsed.max(1e-9) / (1u64 << 30) as f64)
+}
+
+/// Best of `runs` measurements of `streams` streams moving `bytes` in all.
+pub fn measure(
+    ends: &TcpEnds,
+    streams: usize,
+    bytes: u64,
+    runs: usize,
+) -> std::io::Result<TcpFigure> {
+    let mut all = Vec::new();
+    for _ in 0..runs.max(1) {
+        all.push(measure_once(ends, streams, bytes)?);
+    }
+    let best = all.iter().copied().fold(0.0, f64::max);
+    Ok(TcpFigure {
+        streams,
+        bytes,
+        gib_per_s: best,
+        runs_gib_per_s: all,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_moves_every_byte_on_one_and_several_streams() {
+        for streams in [1, 3] {
+            let f = measure(&TcpEnds::default(), streams, 24 << 20, 2).unwrap();
+            assert_eq!(f.runs_gib_per_s.len(), 2);
+            assert!(f.gib_per_s > 0.0 && f.gib_per_s.is_finite(), "{f:?}");
+            assert_eq!(f.streams, streams);
+        }
+    }
+
+    #[test]
+    fn a_missing_namespace_is_an_error() {
+        let ends = TcpEnds {
+            receiver_netns: Some("ferry-no-such-namespace".into()),
+            ..TcpEnds::default()
+        };
+        assert!(measure_once(&ends, 1, 1 << 20).is_err());
+    }
+}
