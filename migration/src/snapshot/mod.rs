@@ -95,6 +95,14 @@ pub enum SnapshotError {
     /// The target file disappeared under the snapshot.
     #[error("the snapshot file {} was removed or replaced while being written", .0.display())]
     FileRemoved(PathBuf),
+    /// The self-check of [`SnapshotSettings::verify_digest`] failed.
+    #[error("the snapshot does not hold guest memory as it was at its start: page digest {written:016x} written, {live:016x} in memory")]
+    DigestMismatch {
+        /// Digest of the pages written.
+        written: u64,
+        /// Digest of memory taken during the stall.
+        live: u64,
+    },
     /// A thread could not be started.
     #[error("cannot start a snapshot thread: {0}")]
     Thread(#[source] io::Error),
@@ -111,6 +119,15 @@ impl From<io::Error> for SnapshotError {
 
 /// Result alias for this module.
 pub type Result<T> = std::result::Result<T, SnapshotError>;
+
+/// Ferry's own snapshot settings (beside QEMU's capabilities and parameters).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SnapshotSettings {
+    /// Hash the data pages of guest memory during the stall (lengthening it) and fail the
+    /// snapshot unless the file holds exactly that memory: an end-to-end self-check.
+    pub verify_digest: bool,
+}
 
 /// What `ferry-query-snapshot` reports about the last background snapshot.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -144,8 +161,12 @@ pub struct SnapshotReport {
     pub fault_latency: LatencySummary,
     /// Bytes written to the file.
     pub bytes: u64,
-    /// Page digest of guest memory at the start instant (hex), once completed.
+    /// Page digest of the pages written to the file (hex), once completed: guest memory
+    /// at the start instant.
     pub start_digest: Option<String>,
+    /// With [`SnapshotSettings::verify_digest`]: the page digest of live guest memory
+    /// taken during the stall (hex); the snapshot fails if it differs from `start_digest`.
+    pub stall_digest: Option<String>,
     /// The error, if it failed.
     pub error: Option<String>,
 }
@@ -175,6 +196,7 @@ struct Shared {
     faults: Mutex<Option<Arc<FaultStats>>>,
     details: Mutex<Details>,
     path: PathBuf,
+    settings: SnapshotSettings,
 }
 
 /// Facts learned along the way, for the report.
@@ -183,6 +205,7 @@ struct Details {
     unpopulated: Option<UnpopulatedStrategy>,
     hole_pages: u64,
     start_digest: Option<u64>,
+    stall_digest: Option<u64>,
 }
 
 impl Shared {
@@ -256,6 +279,17 @@ impl BackgroundSnapshot {
         options: Arc<MigrationOptions>,
         events: Arc<dyn MigrationEvents>,
     ) -> Result<Arc<BackgroundSnapshot>> {
+        Self::start_with(uri, vm, options, events, SnapshotSettings::default())
+    }
+
+    /// [`BackgroundSnapshot::start`] with Ferry's own `settings`.
+    pub fn start_with(
+        uri: MigrationUri,
+        vm: Arc<dyn SourceVm>,
+        options: Arc<MigrationOptions>,
+        events: Arc<dyn MigrationEvents>,
+        settings: SnapshotSettings,
+    ) -> Result<Arc<BackgroundSnapshot>> {
         let MigrationUri::File { path, offset } = &uri else {
             return Err(SnapshotError::NotAFile(uri.to_string()));
         };
@@ -281,6 +315,7 @@ impl BackgroundSnapshot {
             faults: Mutex::new(None),
             details: Mutex::new(Details::default()),
             path: path.clone(),
+            settings,
         });
         options.set_running(true);
         options.register_hooks(Arc::new(Hooks(shared.clone())));
@@ -409,6 +444,7 @@ impl BackgroundSnapshot {
                 .map_or_else(LatencySummary::default, |f| f.latency.summary()),
             bytes: self.shared.counters.transferred(),
             start_digest: d.start_digest.map(|x| format!("{x:016x}")),
+            stall_digest: d.stall_digest.map(|x| format!("{x:016x}")),
             error: s.error,
         }
     }

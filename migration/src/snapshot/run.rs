@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ram::{BackingKind, GuestRam, PAGE_SIZE};
 
 use super::claims::PageClaims;
-use super::digest::PageDigest;
+use super::digest::{page_digest_of_ranges, PageDigest};
 use super::fault::{FaultContext, FaultHandler, FaultStats};
 use super::pagemap;
 use super::protect::{UnpopulatedStrategy, WriteProtector};
@@ -211,6 +211,11 @@ fn snapshot(
         }
         Ok(())
     })?;
+    // Memory cannot change now (vCPUs stopped, pages protected): the reference digest.
+    let stall_digest = shared
+        .settings
+        .verify_digest
+        .then(|| page_digest_of_ranges(&ram, &data));
     let stats = Arc::new(FaultStats::default());
     let (tx, rx) = crossbeam_channel::bounded(FAULT_QUEUE_PAGES);
     let handler = FaultHandler::spawn(FaultContext {
@@ -236,6 +241,7 @@ fn snapshot(
         let mut d = shared.details();
         d.unpopulated = Some(strategy);
         d.hole_pages = holes;
+        d.stall_digest = stall_digest;
     }
     *shared.faults.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats.clone());
     shared.set_status(MigrationStatus::Active);
@@ -295,6 +301,13 @@ fn snapshot(
         return Err(SnapshotError::Fault(e));
     }
     let start_digest = digest.finish();
+    shared.details().start_digest = Some(start_digest);
+    if let Some(live) = stall_digest.filter(|&l| l != start_digest) {
+        return Err(SnapshotError::DigestMismatch {
+            written: start_digest,
+            live,
+        });
+    }
 
     let before_end = out.bytes_written();
     out.frame(FrameKind::State, &state)?;
@@ -312,7 +325,6 @@ fn snapshot(
         out.bytes_written() - before_end,
     );
     check_file(path, id)?;
-    shared.details().start_digest = Some(start_digest);
     Ok(())
 }
 

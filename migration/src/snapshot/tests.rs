@@ -62,6 +62,12 @@ fn fill(page: u64, generation: u64, out: &mut [u8]) {
 
 impl TestVm {
     fn new(backend: Backend, size: u64, working_set: u64) -> Arc<TestVm> {
+        Self::build(backend, size, working_set, false)
+    }
+
+    /// With `alias`, the guest writes through a second shared mapping of the memfd, which
+    /// userfaultfd does not protect (like another process sharing guest memory).
+    fn build(backend: Backend, size: u64, working_set: u64, alias: bool) -> Arc<TestVm> {
         let ram = Arc::new(
             GuestRam::new(&MemoryConfig {
                 size,
@@ -77,6 +83,22 @@ impl TestVm {
             pages_written: AtomicU64::new(0),
         });
         let (r, g) = (ram.clone(), guest.clone());
+        let alias_at = alias.then(|| {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(ram.backing_file().unwrap());
+            // SAFETY: a new shared mapping of the memfd, never unmapped (test process).
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    size as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd,
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED);
+            p as usize
+        });
         let thread = std::thread::spawn(move || {
             let mut buf = vec![0u8; PAGE_SIZE];
             let mut n = 0u64;
@@ -90,7 +112,17 @@ impl TestVm {
                 // Pages 16.. of the working set, spread over RAM (every third page).
                 let page = 16 + (n % working_set) * 3 % (r.page_count() - 16);
                 fill(page, n / working_set + 1, &mut buf);
-                r.write_page(page, &buf).unwrap();
+                match alias_at {
+                    // SAFETY: the page lies inside the alias mapping of `size` bytes.
+                    Some(a) => unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            buf.as_ptr(),
+                            (a + page as usize * PAGE_SIZE) as *mut u8,
+                            PAGE_SIZE,
+                        )
+                    },
+                    None => r.write_page(page, &buf).unwrap(),
+                }
                 n += 1;
                 g.pages_written.store(n, Ordering::Release);
             }
@@ -268,7 +300,7 @@ fn point_in_time(backend: Backend) {
     }
     let path = scratch(&format!("pit-{backend:?}"));
     // 64 MiB at 64 MiB/s: about a second during which the guest keeps writing.
-    let snap = BackgroundSnapshot::start(
+    let snap = BackgroundSnapshot::start_with(
         MigrationUri::File {
             path: path.clone(),
             offset: 0,
@@ -276,6 +308,9 @@ fn point_in_time(backend: Backend) {
         vm.clone(),
         options(64 << 20),
         Arc::new(NoMigrationEvents),
+        SnapshotSettings {
+            verify_digest: true,
+        },
     )
     .unwrap();
     let during_start = vm.written();
@@ -300,6 +335,11 @@ fn point_in_time(backend: Backend) {
     );
     let expected = vm.digest_at_stop.lock().unwrap().expect("stopped once");
     assert_eq!(snap.start_digest(), Some(expected), "recorded digest");
+    assert_eq!(
+        report.stall_digest.as_deref(),
+        Some(format!("{expected:016x}").as_str()),
+        "self-check digest"
+    );
     let fresh = GuestRam::new(&MemoryConfig {
         size: 64 << 20,
         backend: Backend::SharedMemfd,
@@ -443,5 +483,39 @@ fn only_file_uris_are_accepted() {
     .err()
     .unwrap();
     assert!(matches!(err, SnapshotError::NotAFile(_)), "{err}");
+    vm.shutdown();
+}
+
+#[test]
+fn verify_digest_catches_writes_that_bypass_the_protection() {
+    if !uffd_wp_usable() {
+        return;
+    }
+    let vm = TestVm::build(Backend::SharedMemfd, 32 << 20, 4096, true);
+    while vm.written() < 4096 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let path = scratch("bypass");
+    let snap = BackgroundSnapshot::start_with(
+        MigrationUri::File {
+            path: path.clone(),
+            offset: 0,
+        },
+        vm.clone(),
+        options(16 << 20),
+        Arc::new(NoMigrationEvents),
+        SnapshotSettings {
+            verify_digest: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(wait_end(&snap), MigrationStatus::Failed);
+    let err = snap.error().unwrap();
+    assert!(err.contains("does not hold guest memory"), "{err}");
+    assert!(
+        !path.exists(),
+        "a snapshot that failed its check is removed"
+    );
+    assert_eq!(protected_pages(&vm.ram).unwrap(), 0);
     vm.shutdown();
 }
