@@ -49,8 +49,9 @@ struct Shared {
     stats: Stats,
     stall: AtomicBool,
     stop: AtomicBool,
-    /// Every socket of every connection, to shut them down on [`Proxy::cut`] or drop.
-    sockets: Mutex<Vec<TcpStream>>,
+    /// Every socket of every open connection (by connection number), to shut them down on
+    /// [`Proxy::cut`] or drop.
+    sockets: Mutex<Vec<(u64, TcpStream)>>,
 }
 
 /// A running proxy; stops and closes every connection on drop.
@@ -132,7 +133,7 @@ impl Proxy {
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
-            let _ = s.shutdown(Shutdown::Both);
+            let _ = s.1.shutdown(Shutdown::Both);
         }
     }
 }
@@ -159,7 +160,7 @@ fn accept_loop(listener: TcpListener, target: SocketAddr, shared: Arc<Shared>) {
             let _ = client.shutdown(Shutdown::Both);
             continue;
         };
-        shared.stats.connections.fetch_add(1, Ordering::AcqRel);
+        let id = shared.stats.connections.fetch_add(1, Ordering::AcqRel);
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
         let clones = (
@@ -175,20 +176,63 @@ fn accept_loop(listener: TcpListener, target: SocketAddr, shared: Arc<Shared>) {
             .sockets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .extend([c3, u3]);
-        let s = shared.clone();
+            .extend([(id, c3), (id, u3)]);
+        let done = Arc::new(AtomicU64::new(0));
+        let (s, d) = (shared.clone(), done.clone());
         let _ = std::thread::Builder::new()
             .name("proxy-up".into())
-            .spawn(move || pump(client, upstream, &s, true));
-        let s = shared.clone();
+            .spawn(move || {
+                let end = pump(client, upstream, &s, true);
+                finish(id, &s, end, &d);
+            });
+        let (s, d) = (shared.clone(), done);
         let _ = std::thread::Builder::new()
             .name("proxy-down".into())
-            .spawn(move || pump(u2, c2, &s, false));
+            .spawn(move || {
+                let end = pump(u2, c2, &s, false);
+                finish(id, &s, end, &d);
+            });
+    }
+}
+
+/// How one direction of a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Its source sent EOF (passed on as a half-close).
+    Eof,
+    /// A read or write failed: the connection is broken.
+    Broken,
+    /// `close_after` was reached.
+    Closed,
+    /// The proxy is stopping.
+    Stopped,
+}
+
+/// Shuts down and drops every descriptor of connection `id` (the peers see the close).
+fn close_connection(shared: &Shared, id: u64) {
+    let mut sockets = shared.sockets.lock().unwrap_or_else(|p| p.into_inner());
+    for (_, s) in sockets.iter().filter(|(c, _)| *c == id) {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+    sockets.retain(|(c, _)| *c != id);
+}
+
+/// Ends one direction: a broken or closed direction closes the whole connection, as does
+/// the second of two half-closes.
+fn finish(id: u64, shared: &Shared, end: End, done: &AtomicU64) {
+    match end {
+        End::Stopped => {}
+        End::Broken | End::Closed => close_connection(shared, id),
+        End::Eof => {
+            if done.fetch_add(1, Ordering::AcqRel) + 1 == 2 {
+                close_connection(shared, id);
+            }
+        }
     }
 }
 
 /// Copies `from` to `to`; `up` is the client-to-target direction, where faults apply.
-fn pump(mut from: TcpStream, mut to: TcpStream, shared: &Shared, up: bool) {
+fn pump(mut from: TcpStream, mut to: TcpStream, shared: &Shared, up: bool) -> End {
     let f = shared.faults;
     let mut offset = 0u64;
     let mut buf = vec![0u8; 64 * 1024];
@@ -198,7 +242,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: &Shared, up: bool) {
     loop {
         while stalled(offset) {
             if shared.stop.load(Ordering::Acquire) {
-                return;
+                return End::Stopped;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -212,10 +256,11 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: &Shared, up: bool) {
             }
         }
         let n = match from.read(&mut buf[..want]) {
-            Ok(0) | Err(_) => {
+            Ok(0) => {
                 let _ = to.shutdown(Shutdown::Write);
-                return;
+                return End::Eof;
             }
+            Err(_) => return End::Broken,
             Ok(n) => n,
         };
         let chunk = &mut buf[..n];
@@ -232,8 +277,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: &Shared, up: bool) {
             std::thread::sleep(f.delay);
         }
         if to.write_all(chunk).is_err() {
-            let _ = from.shutdown(Shutdown::Both);
-            return;
+            return End::Broken;
         }
         offset += n as u64;
         let counter = if up {
@@ -244,9 +288,10 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: &Shared, up: bool) {
         counter.fetch_add(n as u64, Ordering::AcqRel);
         if up && f.close_after.is_some_and(|c| offset >= c) {
             shared.stats.closed_early.store(true, Ordering::Release);
-            let _ = to.shutdown(Shutdown::Both);
-            let _ = from.shutdown(Shutdown::Both);
-            return;
+            // `finish` drops every descriptor of this connection (the other direction
+            // wakes from the shutdown), so data still coming from the client is answered
+            // with a reset, as by a peer that closed its socket.
+            return End::Closed;
         }
     }
 }
