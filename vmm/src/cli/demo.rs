@@ -385,6 +385,29 @@ impl Report {
     }
 }
 
+/// Removes scratch directories of earlier demos whose process is gone (e.g. killed with
+/// SIGKILL); returns their names.
+fn remove_stale_scratch() -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/tmp") else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("ferry-demo-")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() && std::fs::remove_dir_all(e.path()).is_ok()
+        {
+            removed.push(name);
+        }
+    }
+    removed
+}
+
 fn scratch(keep: bool) -> Result<Scratch, DemoError> {
     let path = PathBuf::from(format!("/tmp/ferry-demo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&path);
@@ -529,7 +552,8 @@ fn demo(a: &DemoArgs, interrupt: &AtomicBool, report: &mut Report) -> Result<(),
 /// Runs `ferry demo`; exit 0 only when the guest verified every page on the destination.
 pub fn run(a: DemoArgs) -> i32 {
     let interrupt = migrate::interrupt_flag();
-    let removed = remove_stale();
+    let mut removed = remove_stale();
+    removed.extend(remove_stale_scratch());
     if !removed.is_empty() {
         eprintln!(
             "ferry demo: removed leftovers of earlier runs: {}",
