@@ -224,9 +224,9 @@ pub struct BarProgress {
 impl BarProgress {
     /// A bar on stderr.
     pub fn new() -> BarProgress {
-        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
         if let Ok(style) = ProgressStyle::with_template(
-            "{spinner} {elapsed_precise} [{bar:24}] {percent:>3}% of first pass  {msg}",
+            "{spinner} {elapsed_precise} [{bar:24}] {percent:>3}%  {msg}",
         ) {
             bar.set_style(style.progress_chars("=> "));
         }
@@ -259,7 +259,7 @@ impl ProgressView for BarProgress {
         }
         if s.total > 0 {
             self.bar.set_length(s.total);
-            // Position: how much of the memory is no longer pending.
+            // Position: how much of the memory is not waiting to be sent (QEMU: total - remaining).
             self.bar.set_position(s.total.saturating_sub(s.remaining));
         }
         self.bar.set_message(line);
