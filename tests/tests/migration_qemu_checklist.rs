@@ -198,3 +198,39 @@ fn switchover_ack_with_return_path_completes() {
     );
     assert_verifies(&mut dst, &guest);
 }
+
+#[test]
+fn pre_switchover_holds_the_source_guest_stopped_as_qemu_does() {
+    let _one = one_guest_test_at_a_time();
+    let test = "pre_switchover_holds_the_source_guest_stopped_as_qemu_does";
+    if skip_unless(test, kvm_missing()) {
+        return;
+    }
+    // QEMU (migration_completion) stops the VM (finish-migrate) and only then enters
+    // pre-switchover: management software uses the pause to act while the guest is still.
+    let guest = SMALL;
+    let mut src = start_source("hold-src", &guest, guest.source(None));
+    let (mut dst, uri) = start_dest("hold-dst", guest.dest("tcp:127.0.0.1:0", None));
+    set_caps(&mut src, &["pause-before-switchover"]);
+    migrate(&mut src, &uri);
+    let info = wait_status(
+        &mut src,
+        &["pre-switchover", "completed", "failed"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(info["status"], "pre-switchover", "{info}");
+    let a = src.pages_written();
+    std::thread::sleep(Duration::from_millis(200));
+    let b = src.pages_written();
+    let state = src.status();
+    src.cmd("migrate-continue", json!({"state": "pre-switchover"}));
+    let done = src.wait_migration_end(Duration::from_secs(30));
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_verifies(&mut dst, &guest);
+    assert!(
+        state == "finish-migrate" && a == b,
+        "in pre-switchover the source guest must already be stopped (QEMU: finish-migrate), \
+         but it is {state} and wrote {} pages during the pause",
+        b - a
+    );
+}
