@@ -1,10 +1,11 @@
 //! End-to-end figures of a real Ferry, behind `ferry bench`: one module per benchmark
-//! (`boot`, `migrate`), plus what they share (summary statistics, a process's memory from
+//! (`boot`, `migrate`, `snapshot`), plus what they share (summary statistics, a process's memory from
 //! /proc).
 
 pub mod boot;
 pub mod migrate;
 pub mod proc_status;
+pub mod snapshot;
 pub mod stats;
 
 pub use proc_status::ProcMemory;

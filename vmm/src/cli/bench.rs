@@ -27,6 +27,9 @@ pub enum BenchCommand {
     /// Migration figures as ratios to references measured in the same run: first-pass
     /// throughput vs TCP (plain and multifd), downtime, rate-limiter accuracy, dirty-sync cost.
     Migrate(crate::bench::migrate::MigrateArgs),
+    /// Background-snapshot figures: the guest's write rate during a snapshot as a ratio to
+    /// without, write throughput, fault latency p50/p99, stall vs stopping for the whole save.
+    Snapshot(crate::bench::snapshot::SnapshotArgs),
 }
 
 /// Arguments of `ferry bench boot`.
@@ -66,6 +69,7 @@ pub fn run(a: BenchArgs) -> i32 {
     match a.what {
         BenchCommand::Boot(b) => boot(b),
         BenchCommand::Migrate(m) => crate::bench::migrate::main(m),
+        BenchCommand::Snapshot(s) => crate::bench::snapshot::main(s),
     }
 }
 
