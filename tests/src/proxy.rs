@@ -217,12 +217,22 @@ fn close_connection(shared: &Shared, id: u64) {
     sockets.retain(|(c, _)| *c != id);
 }
 
-/// Ends one direction: a broken or closed direction closes the whole connection, as does
-/// the second of two half-closes.
+/// Ends one direction. A truncation closes the whole connection at once. A broken
+/// direction (its peer went away) first lets the other direction finish forwarding what
+/// that peer said before it went (for at most half a second), then closes everything,
+/// as does the second of two half-closes.
 fn finish(id: u64, shared: &Shared, end: End, done: &AtomicU64) {
     match end {
         End::Stopped => {}
-        End::Broken | End::Closed => close_connection(shared, id),
+        End::Closed => close_connection(shared, id),
+        End::Broken => {
+            done.fetch_add(1, Ordering::AcqRel);
+            let deadline = std::time::Instant::now() + Duration::from_millis(500);
+            while done.load(Ordering::Acquire) < 2 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            close_connection(shared, id);
+        }
         End::Eof => {
             if done.fetch_add(1, Ordering::AcqRel) + 1 == 2 {
                 close_connection(shared, id);
