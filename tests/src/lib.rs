@@ -5,8 +5,8 @@
 //! QMP, and need `/dev/kvm`. When the host truly lacks a feature a test prints
 //! why and returns early ([`skip_unless`]).
 
-pub mod netns;
 pub mod certs;
+pub mod netns;
 pub mod process;
 pub mod proxy;
 
