@@ -258,7 +258,6 @@ fn load(
         multifd: multifd.as_mut(),
     };
     let loaded = load_stream(&mut reader, &mut loader, &mut progress);
-    drop(progress);
     let state = match (loaded, multifd.as_ref().and_then(|m| m.error())) {
         // A failing channel stops the main stream; its error is the real cause.
         (Err(_), Some(e)) => return Err(e),

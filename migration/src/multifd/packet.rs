@@ -437,7 +437,7 @@ impl PacketPages {
         let normal = header.normal_pages as usize;
         let zero = header.zero_pages as usize;
         let check = |offset: u64| -> Result<u64, PacketError> {
-            let why = if offset % PAGE != 0 {
+            let why = if !offset.is_multiple_of(PAGE) {
                 "not page aligned"
             } else if offset >= ram_size {
                 "beyond guest RAM"

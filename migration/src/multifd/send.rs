@@ -214,8 +214,14 @@ impl MultifdSender {
         Ok(())
     }
 
-    /// Hands the current batch to a channel with room, waiting when every queue is full.
-    fn dispatch(&mut self, phase: Phase, pass: u64) -> Result<()> {
+    /// Hands the current batch to a channel with room, waiting when every queue is full
+    /// (running `watch` every 100 ms meanwhile: it may end the wait with an error).
+    fn dispatch(
+        &mut self,
+        phase: Phase,
+        pass: u64,
+        watch: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
         if self.batch.is_empty() {
             return Ok(());
         }
@@ -240,6 +246,7 @@ impl MultifdSender {
                 sel.send(q);
             }
             let Ok(op) = sel.select_timeout(POLL) else {
+                watch()?;
                 continue;
             };
             let i = op.index();
@@ -255,7 +262,8 @@ impl MultifdSender {
 
     /// Queues every page whose bit is set in `bitmap` (clearing the bits); `tracker`, when
     /// given, re-arms each clear chunk before its first page is queued. `between` runs
-    /// after every 1024 pages. Returns the pages queued.
+    /// after every 1024 pages and every 100 ms while the channels are all busy. Returns the
+    /// pages queued.
     pub fn send_bitmap(
         &mut self,
         bitmap: &AtomicBitmap,
@@ -283,7 +291,7 @@ impl MultifdSender {
                     }
                     self.batch.push(page);
                     if self.batch.len() == PAGES_PER_PACKET {
-                        self.dispatch(phase, pass)?;
+                        self.dispatch(phase, pass, &mut between)?;
                     }
                     Ok(())
                 })();
@@ -302,21 +310,31 @@ impl MultifdSender {
                 }
             }
         }
-        self.dispatch(phase, pass)?;
+        self.dispatch(phase, pass, &mut between)?;
         Ok(sent)
     }
 
     /// Ends pass `pass`: every channel sends a SYNC packet after its queued pages; returns
-    /// once all have (their earlier packets are then written to the sockets).
-    pub fn sync(&mut self, pass: u64, phase: Phase) -> Result<()> {
-        self.dispatch(phase, pass)?;
+    /// once all have (their earlier packets are then written to the sockets). `watch` runs
+    /// every 100 ms while waiting and may end the wait with an error (the destination
+    /// reported a failure, say).
+    pub fn sync(
+        &mut self,
+        pass: u64,
+        phase: Phase,
+        mut watch: impl FnMut() -> Result<()>,
+    ) -> Result<()> {
+        self.dispatch(phase, pass, &mut watch)?;
         for id in 0..self.queues.len() {
             let mut job = Job::Sync { pass, phase };
             loop {
                 self.check_cancel()?;
                 match self.queues[id].send_timeout(job, POLL) {
                     Ok(()) => break,
-                    Err(crossbeam_channel::SendTimeoutError::Timeout(j)) => job = j,
+                    Err(crossbeam_channel::SendTimeoutError::Timeout(j)) => {
+                        watch()?;
+                        job = j
+                    }
                     Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => {
                         return Err(self.channel_failure(id))
                     }
@@ -329,7 +347,7 @@ impl MultifdSender {
             match self.acks.recv_timeout(POLL) {
                 Ok((_, Ok(()))) => done += 1,
                 Ok((_, Err(e))) => return Err(e),
-                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Timeout) => watch()?,
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(channel_err(0, "every channel thread ended"))
                 }

@@ -147,8 +147,9 @@ fn migrate(
         })
         .unwrap();
     assert_eq!(sent, pages);
-    assert_eq!(calls, pages / 1024);
-    s.sync(1, Phase::Precopy).unwrap();
+    // Every 1024 pages, and every 100 ms while all channels are busy.
+    assert!(calls >= pages / 1024, "{calls}");
+    s.sync(1, Phase::Precopy, || Ok(())).unwrap();
     // Pages change between passes; each pass resends them (possibly on other channels).
     for (pass, generation) in [(2u64, 1u64), (3, 2)] {
         let changed: Vec<u64> = (0..pages).filter(|p| p % 7 == generation).collect();
@@ -158,7 +159,7 @@ fn migrate(
         }
         s.send_bitmap(&bitmap, None, Phase::Precopy, pass, || Ok(()))
             .unwrap();
-        s.sync(pass, Phase::Precopy).unwrap();
+        s.sync(pass, Phase::Precopy, || Ok(())).unwrap();
     }
     let stats = s.stats();
     // As in a migration: the destination finishes (at END) before the source closes.
@@ -546,7 +547,7 @@ fn zero_copy_over_tcp_delivers_the_same_memory() {
     bitmap.set_all();
     s.send_bitmap(&bitmap, None, Phase::Precopy, 1, || Ok(()))
         .unwrap();
-    s.sync(1, Phase::Precopy).unwrap();
+    s.sync(1, Phase::Precopy, || Ok(())).unwrap();
     receiver.join().unwrap();
     s.finish().unwrap();
     assert_eq!(src.digest(), dst.digest());

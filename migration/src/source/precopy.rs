@@ -391,7 +391,7 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
                     Ok(())
                 },
             )
-            .and_then(|_| mfd.sync(pass, Phase::Precopy))
+            .and_then(|_| mfd.sync(pass, Phase::Precopy, || replies.poll()))
             .map_err(|e| replies.explain(e))?;
         } else {
             {
@@ -519,8 +519,8 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
     if let Some(mfd) = channels.as_mut() {
         // The vCPUs are stopped: nothing needs re-arming. The last pass ends like the others.
         let last = pass + 1;
-        mfd.send_bitmap(&bitmap, None, Phase::Downtime, last, || Ok(()))
-            .and_then(|_| mfd.sync(last, Phase::Downtime))
+        mfd.send_bitmap(&bitmap, None, Phase::Downtime, last, || replies.poll())
+            .and_then(|_| mfd.sync(last, Phase::Downtime, || replies.poll()))
             .map_err(|e| replies.explain(e))?;
         out.frame(FrameKind::PassEnd, &last.to_le_bytes())
             .map_err(|e| replies.explain(e.into()))?;

@@ -107,11 +107,10 @@ pub fn assert_destination_exits_1(dst: &mut Ferry, within: Duration) {
 /// What the proxy does to one multifd channel (by id).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChannelFault {
-    /// Flip a byte in the middle of the data of this channel's `nth` packet with data.
-    CorruptData {
-        /// Channel id.
-        channel: u8,
-        /// Which packet with data (0-based).
+    /// Flip a byte in the middle of the compressed data of the `nth` compressed packet
+    /// (not raw) crossing any channel.
+    CorruptCompressed {
+        /// Which compressed packet (0-based, counted over all channels).
         nth: u64,
     },
     /// Close the channel (both ways) after forwarding `packets` packets.
@@ -147,6 +146,7 @@ impl MultifdProxy {
         let injected = Arc::new(AtomicU64::new(0));
         let held = Arc::new(Mutex::new(Vec::new()));
         let (s, inj, h) = (stop.clone(), injected.clone(), held.clone());
+        let seen = Arc::new(AtomicU64::new(0));
         std::thread::spawn(move || {
             let to: SocketAddr = ([127, 0, 0, 1], target).into();
             let mut first = true;
@@ -162,8 +162,8 @@ impl MultifdProxy {
                     };
                     pipe_both(c, up);
                 } else {
-                    let (inj, h) = (inj.clone(), h.clone());
-                    std::thread::spawn(move || channel(c, to, fault, &inj, &h));
+                    let (inj, h, seen) = (inj.clone(), h.clone(), seen.clone());
+                    std::thread::spawn(move || channel(c, to, fault, &inj, &seen, &h));
                 }
             }
         });
@@ -226,6 +226,7 @@ fn channel(
     to: SocketAddr,
     fault: ChannelFault,
     injected: &AtomicU64,
+    compressed_seen: &AtomicU64,
     held: &Mutex<Vec<TcpStream>>,
 ) {
     let mut hs = [0u8; 64];
@@ -247,7 +248,6 @@ fn channel(
         return;
     }
     let mut packets = 0u64;
-    let mut with_data = 0u64;
     let mut head = [0u8; 48];
     loop {
         if let ChannelFault::CloseAfter {
@@ -273,15 +273,16 @@ fn channel(
         if src.read_exact(&mut rest).is_err() {
             return;
         }
-        if size > 0 {
-            if let ChannelFault::CorruptData { channel, nth } = fault {
-                if channel == id && nth == with_data {
+        let flags = u32_at(&head, 8);
+        let compressed = flags & 0xe != 0 && flags & 0x10 == 0;
+        if size > 0 && compressed {
+            if let ChannelFault::CorruptCompressed { nth } = fault {
+                if compressed_seen.fetch_add(1, Ordering::AcqRel) == nth {
                     let at = rest.len() - size / 2;
                     rest[at] ^= 0x5a;
                     injected.fetch_add(1, Ordering::AcqRel);
                 }
             }
-            with_data += 1;
         }
         if dst
             .write_all(&head)
