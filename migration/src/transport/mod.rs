@@ -61,9 +61,25 @@ pub enum TransportError {
     Accept(#[source] io::Error),
 }
 
-/// A write that makes no progress for this long fails the migration (a peer that stopped
-/// reading, a link that went down).
+/// Default of [`io_timeout`]: a write that makes no progress for this long fails the
+/// migration (a peer that stopped reading, a link that went down).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+static IO_TIMEOUT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(30_000);
+
+/// Sets how long a migration socket may make no progress before the migration fails
+/// (blocked writes, unacknowledged data, a dead peer): `ferry run --migration-io-timeout`.
+pub fn set_io_timeout(t: Duration) {
+    IO_TIMEOUT_MS.store(
+        t.as_millis().clamp(100, u128::from(u32::MAX)) as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// How long a migration socket may make no progress (default [`WRITE_TIMEOUT`]).
+pub fn io_timeout() -> Duration {
+    Duration::from_millis(IO_TIMEOUT_MS.load(std::sync::atomic::Ordering::Relaxed))
+}
 /// Unacknowledged TCP data older than this breaks the connection (TCP_USER_TIMEOUT), and
 /// keepalive probes find a dead peer on an idle connection in about the same time.
 pub const TCP_DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -86,14 +102,16 @@ fn tcp_dead_peer_detection(s: &TcpStream) {
     let fd = s.as_raw_fd();
     let _ = s.set_nodelay(true);
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 10);
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5);
+    // Keepalive probes find a dead peer on an idle connection in about io_timeout().
+    let t = io_timeout().as_secs().max(2) as i32;
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, (t / 3).max(1));
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, (t / 6).max(1));
     setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 4);
     setsockopt_int(
         fd,
         libc::IPPROTO_TCP,
         libc::TCP_USER_TIMEOUT,
-        TCP_DEAD_PEER_TIMEOUT.as_millis() as i32,
+        io_timeout().as_millis() as i32,
     );
 }
 
@@ -215,7 +233,9 @@ impl Channel {
             Channel::File(_) => Err(tls::TlsError::Handshake(
                 "TLS is only available for socket migrations, not file:".into(),
             )),
-            Channel::Tls(_) => Err(tls::TlsError::Handshake("the channel is already TLS".into())),
+            Channel::Tls(_) => Err(tls::TlsError::Handshake(
+                "the channel is already TLS".into(),
+            )),
         }
     }
 
@@ -242,7 +262,9 @@ impl crate::stream::frame::StreamSource for Channel {
                 }
                 let k = v.iov_len.min(n - done);
                 // SAFETY: the caller guarantees `v` describes `iov_len` writable bytes.
-                unsafe { std::ptr::copy_nonoverlapping(tmp[done..].as_ptr(), v.iov_base.cast(), k) };
+                unsafe {
+                    std::ptr::copy_nonoverlapping(tmp[done..].as_ptr(), v.iov_base.cast(), k)
+                };
                 done += k;
             }
             return Ok(n);
@@ -298,7 +320,94 @@ impl Write for Channel {
 
 /// Opens the outgoing side of a migration to `uri`.
 pub fn connect(uri: &MigrationUri, timeout: Duration) -> Result<Channel, TransportError> {
+    connect_cancellable(uri, timeout, &std::sync::atomic::AtomicBool::new(false))
+}
+
+/// Why a non-blocking connect ended early.
+fn cancelled_error() -> io::Error {
+    io::Error::new(io::ErrorKind::Interrupted, "cancelled while connecting")
+}
+
+/// Connects a non-blocking socket `fd` to `addr`, waiting in 100 ms slices so `cancel`
+/// is noticed, for at most `timeout`; leaves the socket blocking on success.
+fn connect_nonblocking(
+    fd: &std::os::fd::OwnedFd,
+    addr: &dyn nix::sys::socket::SockaddrLike,
+    timeout: Duration,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> io::Result<()> {
+    use nix::errno::Errno;
+    use std::os::fd::AsFd;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut result = nix::sys::socket::connect(fd.as_raw_fd(), addr);
+    // A unix socket whose listener's queue is full says EAGAIN instead of EINPROGRESS:
+    // try again every 100 ms, noticing cancel and the deadline.
+    while result == Err(Errno::EAGAIN) {
+        if cancel.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(cancelled_error());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connection timed out",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        result = nix::sys::socket::connect(fd.as_raw_fd(), addr);
+    }
+    match result {
+        Ok(()) => {}
+        Err(Errno::EINPROGRESS) => loop {
+            if cancel.load(std::sync::atomic::Ordering::Acquire) {
+                return Err(cancelled_error());
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connection timed out",
+                ));
+            }
+            let slice = (deadline - now).min(Duration::from_millis(100));
+            let mut pfd = [nix::poll::PollFd::new(
+                fd.as_fd(),
+                nix::poll::PollFlags::POLLOUT,
+            )];
+            let ms = nix::poll::PollTimeout::try_from(slice.as_millis() as i32)
+                .unwrap_or(nix::poll::PollTimeout::ZERO);
+            match nix::poll::poll(&mut pfd, ms) {
+                Ok(0) | Err(Errno::EINTR) => continue,
+                Ok(_) => {
+                    let err =
+                        nix::sys::socket::getsockopt(fd, nix::sys::socket::sockopt::SocketError)
+                            .map_err(io::Error::from)?;
+                    if err != 0 {
+                        return Err(io::Error::from_raw_os_error(err));
+                    }
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        },
+        Err(e) => return Err(e.into()),
+    }
+    let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL).map_err(io::Error::from)?;
+    let mut flags = nix::fcntl::OFlag::from_bits_truncate(flags);
+    flags.remove(nix::fcntl::OFlag::O_NONBLOCK);
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// Like [`connect`], but gives up as soon as `cancel` is set (migrate_cancel during setup).
+pub fn connect_cancellable(
+    uri: &MigrationUri,
+    timeout: Duration,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<Channel, TransportError> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType, SockaddrStorage, UnixAddr};
+    use std::os::fd::{FromRawFd, IntoRawFd};
     let text = uri.to_string();
+    let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
     match uri {
         MigrationUri::Tcp { host, port } => {
             let addrs: Vec<_> = (host.as_str(), *port)
@@ -310,11 +419,29 @@ pub fn connect(uri: &MigrationUri, timeout: Duration) -> Result<Channel, Transpo
                 .collect();
             let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
             for a in addrs {
-                match TcpStream::connect_timeout(&a, timeout) {
+                let family = if a.is_ipv4() {
+                    AddressFamily::Inet
+                } else {
+                    AddressFamily::Inet6
+                };
+                let attempt = socket(family, SockType::Stream, flags, None)
+                    .map_err(io::Error::from)
+                    .and_then(|fd| {
+                        connect_nonblocking(&fd, &SockaddrStorage::from(a), timeout, cancel)?;
+                        // SAFETY: `fd` is a connected TCP socket we own; ownership moves.
+                        Ok(unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) })
+                    });
+                match attempt {
                     Ok(s) => {
                         tcp_dead_peer_detection(&s);
-                        let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
+                        let _ = s.set_write_timeout(Some(io_timeout()));
                         return Ok(Channel::Tcp(s));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                        return Err(TransportError::Connect {
+                            uri: text,
+                            source: e,
+                        })
                     }
                     Err(e) => last = e,
                 }
@@ -325,9 +452,16 @@ pub fn connect(uri: &MigrationUri, timeout: Duration) -> Result<Channel, Transpo
             })
         }
         MigrationUri::Unix(path) => {
-            let s = UnixStream::connect(path)
-                .map_err(|source| TransportError::Connect { uri: text, source })?;
-            let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
+            let attempt = socket(AddressFamily::Unix, SockType::Stream, flags, None)
+                .map_err(io::Error::from)
+                .and_then(|fd| {
+                    let addr = UnixAddr::new(path.as_path()).map_err(io::Error::from)?;
+                    connect_nonblocking(&fd, &addr, timeout, cancel)?;
+                    // SAFETY: `fd` is a connected unix socket we own; ownership moves.
+                    Ok(unsafe { UnixStream::from_raw_fd(fd.into_raw_fd()) })
+                });
+            let s = attempt.map_err(|source| TransportError::Connect { uri: text, source })?;
+            let _ = s.set_write_timeout(Some(io_timeout()));
             Ok(Channel::Unix(s))
         }
         MigrationUri::File { path, offset } => {
@@ -397,12 +531,12 @@ impl Listener {
             Listener::Tcp(l) => {
                 let (s, _) = l.accept().map_err(TransportError::Accept)?;
                 tcp_dead_peer_detection(&s);
-                let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
+                let _ = s.set_write_timeout(Some(io_timeout()));
                 Ok(Channel::Tcp(s))
             }
             Listener::Unix(l, _) => {
                 let (s, _) = l.accept().map_err(TransportError::Accept)?;
-                let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
+                let _ = s.set_write_timeout(Some(io_timeout()));
                 Ok(Channel::Unix(s))
             }
             Listener::File(path, offset) => {
@@ -477,5 +611,91 @@ impl Drop for Listener {
         if let Listener::Unix(_, path) = self {
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+#[cfg(test)]
+mod connect_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    /// A unix listener whose accept queue is full: connects to it block.
+    fn full_listener(path: &std::path::Path) -> (std::os::fd::OwnedFd, Vec<UnixStream>) {
+        use nix::sys::socket::{
+            bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+        };
+        let _ = std::fs::remove_file(path);
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        bind(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
+        listen(&fd, Backlog::new(0).unwrap()).unwrap();
+        // Fill the queue with non-blocking attempts until one would block.
+        let mut filled = Vec::new();
+        for _ in 0..4 {
+            let s = nix::sys::socket::socket(
+                AddressFamily::Unix,
+                SockType::Stream,
+                SockFlag::SOCK_NONBLOCK,
+                None,
+            )
+            .unwrap();
+            if nix::sys::socket::connect(s.as_raw_fd(), &UnixAddr::new(path).unwrap()).is_err() {
+                break;
+            }
+            // SAFETY: a socket we own.
+            filled.push(unsafe {
+                <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(
+                    std::os::fd::IntoRawFd::into_raw_fd(s),
+                )
+            });
+        }
+        (fd, filled)
+    }
+
+    #[test]
+    fn a_connect_that_would_hang_ends_on_cancel() {
+        let path = std::env::temp_dir().join(format!("ferry-connect-{}.sock", std::process::id()));
+        let (_l, _filled) = full_listener(&path);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let c = cancel.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            c.store(true, Ordering::Release);
+        });
+        let t0 = Instant::now();
+        let r = connect_cancellable(
+            &MigrationUri::Unix(path.clone()),
+            Duration::from_secs(30),
+            &cancel,
+        );
+        t.join().unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(r.is_err(), "connect to a full listener cannot succeed");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "cancel took {:?}",
+            t0.elapsed()
+        );
+    }
+
+    #[test]
+    fn connect_reaches_a_listener_and_refusal_is_an_error() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let never = AtomicBool::new(false);
+        let uri = MigrationUri::Tcp {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        assert!(connect_cancellable(&uri, Duration::from_secs(5), &never).is_ok());
+        drop(l);
+        assert!(connect_cancellable(&uri, Duration::from_secs(5), &never).is_err());
     }
 }

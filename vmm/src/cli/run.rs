@@ -71,6 +71,10 @@ pub struct RunArgs {
     /// `authz-list,id=ID[,policy=allow|deny],rules.N.match=DN[,rules.N.policy=allow|deny][,rules.N.format=exact|glob]`.
     #[arg(long = "object", value_name = "TYPE,id=ID,...")]
     pub objects: Vec<String>,
+    /// Seconds a migration socket may make no progress (a blocked write, unacknowledged data,
+    /// a silent peer) before the migration fails instead of hanging.
+    #[arg(long, default_value_t = 30.0)]
+    pub migration_io_timeout: f64,
 }
 
 fn parse_dirty_tracking(text: &str) -> Result<DirtyMode, String> {
@@ -116,6 +120,12 @@ fn build(a: &RunArgs) -> Result<Built, String> {
     for o in &a.objects {
         crate::cli::objects::add_object(o)?;
     }
+    if !(a.migration_io_timeout >= 0.1 && a.migration_io_timeout <= 86400.0) {
+        return Err("--migration-io-timeout must be between 0.1 and 86400 seconds".into());
+    }
+    migration::transport::set_io_timeout(std::time::Duration::from_secs_f64(
+        a.migration_io_timeout,
+    ));
     let mut globals = GlobalSettings::default();
     for g in &a.globals {
         apply_global_arg(&mut globals, g)?;
