@@ -105,6 +105,15 @@ pub enum RamError {
         /// Huge page size in KiB.
         page_kib: u64,
     },
+    /// Writing guest memory through its backing file failed.
+    #[error("cannot write guest memory at RAM offset {ram_offset:#x}: {source}")]
+    Write {
+        /// Where.
+        ram_offset: u64,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
     /// A helper thread could not be started.
     #[error("cannot start a guest memory thread: {0}")]
     Thread(#[source] io::Error),

@@ -102,4 +102,11 @@ fn bench_migrate_quick_reports_every_section() {
         .filter(|x| x["tracker"] == "bitmap")
         .all(|x| x["unavailable"].is_null() && x["us_per_gib"].as_f64() > Some(0.0)));
     assert!(r["commands"].as_array().is_some_and(|c| !c.is_empty()));
+
+    let pop = r["populate"].as_array().expect("populate rows");
+    assert_eq!(pop.len(), 3, "memfd, anon, anon+THP");
+    for x in pop {
+        assert!(x["touch_gib_per_s"].as_f64() > Some(0.0), "{x}");
+        assert!(x["populate_gib_per_s"].as_f64() > Some(0.0), "{x}");
+    }
 }

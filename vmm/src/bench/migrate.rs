@@ -2,6 +2,8 @@
 //! stated as a ratio to a reference measured in the same run.
 //!
 //! Sections (each can be chosen with `--only`):
+//! - **populate** ([`populate`]): faulting in fresh guest memory, first touch on one thread
+//!   against MADV_POPULATE_WRITE on all CPUs (`prealloc=on`), per backend;
 //! - **throughput** ([`throughput`]): the first pass of a migration of guest memory loaded
 //!   from the data-set images (`--memory SIZE,mem-path=IMAGE,share=off` on the source,
 //!   an idle guest), max-bandwidth unlimited, into a fresh and into a preallocated
@@ -21,6 +23,7 @@
 pub mod data;
 pub mod dirty_sync;
 pub mod downtime;
+pub mod populate;
 pub mod proc;
 pub mod rate;
 pub mod tcp;
@@ -97,7 +100,7 @@ pub struct MigrateArgs {
     /// (198.18.0.1 -> 198.18.0.2) instead of loopback.
     #[arg(long)]
     pub netns: bool,
-    /// Sections to run: throughput,downtime,rate,dirty-sync (default: all).
+    /// Sections to run: populate,throughput,downtime,rate,dirty-sync (default: all).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Throughput configurations: plain,multifd-2,multifd-4,zstd-1,zlib-1 (default: all).
@@ -252,6 +255,8 @@ pub struct MigrateReport {
     pub rate_limit: Vec<rate::RateRow>,
     /// Dirty-sync cost rows.
     pub dirty_sync: Vec<dirty_sync::SyncFigure>,
+    /// First touch versus MADV_POPULATE_WRITE.
+    pub populate: Vec<populate::PopulateRow>,
     /// Goals.
     pub goals: Goals,
     /// Every command line run, in order.
@@ -260,7 +265,7 @@ pub struct MigrateReport {
     pub errors: Vec<String>,
 }
 
-const SECTIONS: [&str; 4] = ["throughput", "downtime", "rate", "dirty-sync"];
+const SECTIONS: [&str; 5] = ["populate", "throughput", "downtime", "rate", "dirty-sync"];
 
 fn parse_size(text: &str) -> Result<u64, BenchError> {
     ram::parse_size_default_unit(text, 1 << 20)
@@ -379,11 +384,18 @@ pub fn run(a: &MigrateArgs) -> Result<MigrateReport, BenchError> {
         downtime: None,
         rate_limit: Vec::new(),
         dirty_sync: Vec::new(),
+        populate: Vec::new(),
         goals: Goals::default(),
         commands: Vec::new(),
         errors: Vec::new(),
     };
     let wants = |s: &str| sections.iter().any(|x| x == s);
+    if wants("populate") {
+        match populate::run(&env) {
+            Ok(rows) => report.populate = rows,
+            Err(e) => report.errors.push(format!("populate: {e}")),
+        }
+    }
     if wants("throughput") || wants("rate") {
         report.data_sets = data_sets(a, &env, memory)?;
     }
@@ -563,6 +575,9 @@ impl MigrateReport {
                 self.qemu.prealloc_gib_per_s.0,
                 self.qemu.prealloc_gib_per_s.1
             );
+        }
+        if !self.populate.is_empty() {
+            t.push_str(&populate::table(&self.populate));
         }
         if !self.throughput.is_empty() {
             t.push_str(&throughput::table(&self.throughput, &self.qemu));

@@ -190,6 +190,12 @@ pub struct Measured {
     pub zero_pages: u64,
     /// Bytes on multifd channels.
     pub multifd_bytes: u64,
+    /// CPU time of the source process during the migration, seconds per GiB of guest memory.
+    pub source_cpu_s_per_gib: Option<f64>,
+    /// CPU time of the destination process from migrate-incoming to the end, seconds per
+    /// GiB of guest memory (includes populating ahead of the receiver; not `prealloc=on`,
+    /// which happens at start).
+    pub dest_cpu_s_per_gib: Option<f64>,
     /// The destination's own line about populating its memory ahead of the receiver.
     pub dest_populate: Option<String>,
     /// Source and destination memory digests are equal.
@@ -234,6 +240,8 @@ impl From<BenchError> for RowError {
 }
 
 struct OneRun {
+    src_cpu: Option<f64>,
+    dst_cpu: Option<f64>,
     first_pass_s: f64,
     info: Value,
     populate: Option<String>,
@@ -284,6 +292,7 @@ fn one_run(
             .map_err(|e| RowError::Unavailable(format!("the destination refuses it: {e}")))?;
     }
     let addr = env.dest_addr();
+    let dst_cpu0 = dst.cpu_seconds();
     dst.cmd("migrate-incoming", json!({"uri": format!("tcp:{addr}:0")}))?;
     let port = dst.query_migrate()?["socket-address"][0]["port"]
         .as_str()
@@ -307,8 +316,10 @@ fn one_run(
         ));
     }
     let timeout = Duration::from_secs(if env.quick { 120 } else { 600 });
+    let src_cpu0 = src.cpu_seconds();
     src.cmd("migrate", json!({ "uri": uri }))?;
     let info = src.wait_migration_end(timeout, Duration::from_millis(100))?;
+    let src_cpu = src.cpu_seconds().zip(src_cpu0).map(|(b, a)| b - a);
     if info["status"] != "completed" {
         let why = info["error-desc"]
             .as_str()
@@ -343,6 +354,7 @@ fn one_run(
         }
     };
     let d_info = dst.wait_migration_end(Duration::from_secs(30), Duration::from_millis(50))?;
+    let dst_cpu = dst.cpu_seconds().zip(dst_cpu0).map(|(b, a)| b - a);
     if d_info["status"] != "completed" {
         return Err(RowError::Bench(BenchError::Failed(format!(
             "the destination ended with {d_info}; its log:\n{}",
@@ -357,6 +369,8 @@ fn one_run(
         .find(|l| l.contains("populated") || l.contains("preallocated"))
         .map(|l| l.trim_start_matches("ferry: ").to_string());
     Ok(OneRun {
+        src_cpu,
+        dst_cpu,
         first_pass_s,
         info,
         populate,
@@ -414,6 +428,8 @@ fn measure_row(
         normal_pages: ram["normal"].as_u64().unwrap_or(0),
         zero_pages: ram["duplicate"].as_u64().unwrap_or(0),
         multifd_bytes: ram["multifd-bytes"].as_u64().unwrap_or(0),
+        source_cpu_s_per_gib: r.src_cpu.map(|c| c * gib / memory as f64),
+        dest_cpu_s_per_gib: r.dst_cpu.map(|c| c * gib / memory as f64),
         dest_populate: r.populate,
         digests_match: r.digests_match,
         runs_guest_gib_per_s: all,
@@ -533,7 +549,7 @@ pub fn table(rows: &[ThroughputRow], qemu: &QemuReference) -> String {
     let _ = writeln!(
         t,
         "\nthroughput of the first pass (idle guest, max-bandwidth unlimited):\n\
-         \x20 {:<7} {:<10} {:<9} {:>7} {:>9} {:>8} {:>8} {:>9} {:>9} {:>8}",
+         \x20 {:<7} {:<10} {:<11} {:>7} {:>8} {:>7} {:>6} {:>8} {:>9} {:>8} {:>12}",
         "data",
         "config",
         "dest",
@@ -543,7 +559,8 @@ pub fn table(rows: &[ThroughputRow], qemu: &QemuReference) -> String {
         "TCP/s",
         "wire/TCP",
         "guest/TCP",
-        "vs QEMU"
+        "vs QEMU",
+        "CPU s/GiB"
     );
     for r in rows {
         match r.ok() {
@@ -554,7 +571,7 @@ pub fn table(rows: &[ThroughputRow], qemu: &QemuReference) -> String {
                 };
                 let _ = writeln!(
                     t,
-                    "  {:<7} {:<10} {:<9} {:>7.2} {:>9.2} {:>8.2} {:>8} {:>9} {:>9} {:>7.2}x",
+                    "  {:<7} {:<10} {:<11} {:>7.2} {:>8.2} {:>7.2} {:>6} {:>8} {:>9} {:>7.2}x {:>5}/{:<6}",
                     r.data_set,
                     r.config,
                     r.dest,
@@ -564,13 +581,15 @@ pub fn table(rows: &[ThroughputRow], qemu: &QemuReference) -> String {
                     opt(m.tcp_gib_per_s, 2),
                     opt(m.wire_vs_tcp, 2),
                     opt(m.guest_vs_tcp, 2),
-                    m.guest_gib_per_s / q
+                    m.guest_gib_per_s / q,
+                    opt(m.source_cpu_s_per_gib, 2),
+                    opt(m.dest_cpu_s_per_gib, 2)
                 );
             }
             None => {
                 let _ = writeln!(
                     t,
-                    "  {:<7} {:<10} {:<9} {}",
+                    "  {:<7} {:<10} {:<11} {}",
                     r.data_set,
                     r.config,
                     r.dest,
@@ -582,7 +601,8 @@ pub fn table(rows: &[ThroughputRow], qemu: &QemuReference) -> String {
     let _ = writeln!(
         t,
         "  (GiB/s; guest = guest memory / first pass, wire = bytes sent / first pass; vs QEMU = guest / QEMU 7.2's best\n\
-         \x20  figure for that destination: {:.1} fresh, {:.1} preallocated; every row's destination memory digest = the source's)",
+         \x20  figure for that destination: {:.1} fresh, {:.1} preallocated; CPU s/GiB = source/destination process CPU time during\n\
+         \x20  the migration per GiB of guest memory; every row's destination memory digest = the source's)",
         qemu.fresh_gib_per_s.1, qemu.prealloc_gib_per_s.1
     );
     for r in rows {
@@ -634,6 +654,8 @@ mod tests {
             normal_pages: 0,
             zero_pages: 0,
             multifd_bytes: 0,
+            source_cpu_s_per_gib: None,
+            dest_cpu_s_per_gib: None,
             dest_populate: None,
             digests_match: true,
             runs_guest_gib_per_s: vec![],
