@@ -1,7 +1,8 @@
 //! Rate-limiter accuracy end to end: the rate a real migration reaches against
 //! max-bandwidth.
 //!
-//! One source with the random data set (an idle guest); for each limit a fresh destination,
+//! One source with the random data set (an idle guest); for each limit a new, preallocated
+//! destination (the limiter is measured, not the receiver),
 //! `migrate-set-parameters {"max-bandwidth": LIMIT}`, `migrate`, then two samples of
 //! query-migrate's `ram.transferred` inside the first pass (after a warm-up of a few
 //! windows) and `migrate_cancel`. A limit the link cannot carry (above 90% of the fastest
@@ -59,9 +60,11 @@ fn measure(
     memory: u64,
     limit: u64,
 ) -> Result<RateRow, BenchError> {
+    // A preallocated destination, so that what is measured is the limiter and not a
+    // receiver faulting in fresh memory.
     let dst_args: Vec<String> = vec![
         "--memory".into(),
-        format!("{}M", memory >> 20),
+        format!("{}M,prealloc=on", memory >> 20),
         "--vcpus".into(),
         "1".into(),
         "--incoming".into(),
