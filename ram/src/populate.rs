@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::backend::{madvise, RamError, MADV_POPULATE_WRITE};
-use crate::geometry::PAGE_SIZE;
+use crate::geometry::{PAGE_SHIFT, PAGE_SIZE};
 use crate::guest_ram::GuestRam;
 
 /// Bytes one populate step covers (one madvise call; also the progress granularity).
@@ -53,12 +53,26 @@ impl PopulateStats {
 
 /// The chunks of guest RAM in RAM-offset order: (host address, length).
 fn chunks(ram: &GuestRam) -> Vec<(usize, usize)> {
+    let pages = ram.page_count();
+    chunks_of(ram, &[(0, pages)])
+}
+
+/// The chunks covering the page ranges `[start, end)` (sorted, RAM-offset page numbers),
+/// clipped to guest RAM and split at region boundaries and every [`POPULATE_CHUNK`].
+fn chunks_of(ram: &GuestRam, ranges: &[(u64, u64)]) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
-    for r in ram.regions() {
-        let mut at = 0u64;
-        while at < r.size {
-            let len = POPULATE_CHUNK.min(r.size - at);
-            out.push((r.host_addr + at as usize, len as usize));
+    for &(start, end) in ranges {
+        let (start, end) = (start << PAGE_SHIFT, end.min(ram.page_count()) << PAGE_SHIFT);
+        let mut at = start;
+        while at < end {
+            let Some((host, room)) = ram.host_addr(at) else {
+                break;
+            };
+            // Chunks end on POPULATE_CHUNK boundaries of RAM offset, so neighbouring ranges
+            // never split a chunk twice.
+            let to_boundary = POPULATE_CHUNK - at % POPULATE_CHUNK;
+            let len = (end - at).min(room).min(to_boundary);
+            out.push((host as usize, len as usize));
             at += len;
         }
     }
@@ -212,15 +226,35 @@ impl BackgroundPopulate {
     /// Starts `threads` threads populating all of `ram`, skipping chunks that already have
     /// resident pages.
     pub fn start(ram: Arc<GuestRam>, threads: usize) -> Result<BackgroundPopulate, RamError> {
+        let all = chunks(&ram);
+        Self::start_chunks(ram, all, threads)
+    }
+
+    /// Like [`BackgroundPopulate::start`], but only the page ranges `[start, end)` (sorted
+    /// RAM-offset page numbers), e.g. the ranges a migration source says hold data.
+    pub fn start_ranges(
+        ram: Arc<GuestRam>,
+        ranges: &[(u64, u64)],
+        threads: usize,
+    ) -> Result<BackgroundPopulate, RamError> {
+        let some = chunks_of(&ram, ranges);
+        Self::start_chunks(ram, some, threads)
+    }
+
+    fn start_chunks(
+        ram: Arc<GuestRam>,
+        chunks: Vec<(usize, usize)>,
+        threads: usize,
+    ) -> Result<BackgroundPopulate, RamError> {
+        let total = chunks.iter().map(|&(_, len)| len as u64).sum();
         let job = Arc::new(Job {
-            chunks: chunks(&ram),
+            chunks,
             next: AtomicU64::new(0),
             done: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             skip_resident: true,
         });
-        let total = ram.size();
         let n = thread_count(threads, job.chunks.len());
         let started = Instant::now();
         let finished_at = Arc::new(AtomicU64::new(0));
@@ -275,7 +309,7 @@ impl BackgroundPopulate {
         self.job.skipped.load(Ordering::Relaxed)
     }
 
-    /// All of guest RAM, in bytes.
+    /// Bytes this populate covers (all of guest RAM, or the ranges asked for).
     pub fn total_bytes(&self) -> u64 {
         self.total
     }
@@ -428,6 +462,28 @@ mod tests {
             ((64 << 20) - 2 * POPULATE_CHUNK as usize) / PAGE_SIZE + 2
         );
         assert_eq!(r.read_u64(40 << 20).unwrap(), 2);
+    }
+
+    #[test]
+    fn background_populate_of_ranges_touches_only_them() {
+        let r = ram(Backend::AnonymousPrivate, 64 << 20);
+        // Pages 100..300 (in the first chunk) and 5000..5001 (in the fifth).
+        let bg =
+            BackgroundPopulate::start_ranges(r.clone(), &[(100, 300), (5000, 5001)], 2).unwrap();
+        assert_eq!(bg.total_bytes(), 201 * 4096);
+        let stats = bg.wait().unwrap();
+        assert_eq!(stats.bytes, 201 * 4096);
+        assert_eq!(resident_pages(&r), 201);
+        // Ranges beyond RAM are clipped; a range across a chunk boundary splits there.
+        let all = r.page_count();
+        assert_eq!(
+            chunks_of(&r, &[(1020, 1030), (all - 1, all + 50)]),
+            vec![
+                (r.regions()[0].host_addr + 1020 * 4096, 4 * 4096),
+                (r.regions()[0].host_addr + 1024 * 4096, 6 * 4096),
+                (r.regions()[0].host_addr + (all as usize - 1) * 4096, 4096),
+            ]
+        );
     }
 
     #[test]
