@@ -11,7 +11,7 @@ use multifd_support::{
     enable_multifd, start_pair,
 };
 use serde_json::{json, Value};
-use tests::{kvm_missing, one_guest_test_at_a_time, skip_unless, TempDir};
+use tests::{kvm_missing, one_guest_test_at_a_time, skip_unless, Ferry, FerryOptions, TempDir};
 
 fn migrate_with(test: &str, channels: u8, compression: &str) -> Option<Value> {
     if skip_unless(test, kvm_missing()) {
@@ -142,4 +142,34 @@ fn multifd_to_a_file_is_refused_with_a_clear_error() {
         json!({"uri": format!("file:{}", path.display())}),
     );
     assert_failed_and_source_intact(&mut src, &["multifd is not supported for file:"]);
+}
+
+#[test]
+fn multifd_over_a_unix_socket_keeps_every_page() {
+    let _one = one_guest_test_at_a_time();
+    let test = "multifd-unix";
+    if skip_unless(test, kvm_missing()) {
+        return;
+    }
+    let dir = TempDir::new("multifd-unix");
+    let uri = format!("unix:{}", dir.join("m.sock").display());
+    let mut src = Ferry::start("multifd-unix-src", &FerryOptions::default());
+    let mut dst = Ferry::start(
+        "multifd-unix-dst",
+        &FerryOptions {
+            workload: None,
+            incoming: Some(uri.clone()),
+            extra: vec!["-S".into()],
+            ..FerryOptions::default()
+        },
+    );
+    enable_multifd(&mut src, 3, "zstd");
+    enable_multifd(&mut dst, 3, "zstd");
+    std::thread::sleep(Duration::from_millis(300));
+    src.cmd("migrate", json!({ "uri": uri }));
+    let info = assert_completed_and_identical(&mut src, &mut dst);
+    assert!(
+        info["ram"]["multifd-bytes"].as_u64().unwrap_or(0) > 0,
+        "{info}"
+    );
 }
