@@ -553,3 +553,52 @@ fn zero_copy_over_tcp_delivers_the_same_memory() {
     assert_eq!(src.digest(), dst.digest());
     book.check_complete().unwrap();
 }
+
+#[test]
+fn channels_share_the_rate_limit() {
+    let src = new_ram();
+    let pages = RAM_SIZE / 4096;
+    fill(&src, 0, 0..pages);
+    let uri = socket_uri("rate");
+    let listener = Listener::bind(&uri).unwrap();
+    let dst = new_ram();
+    let book = Arc::new(PageBook::new(pages, true));
+    let (d, b) = (dst.clone(), book.clone());
+    let receiver = std::thread::spawn(move || {
+        let h = header(3, Method::None);
+        let chans = accept_channels(&listener, &h, Duration::from_secs(10)).unwrap();
+        let mut r = MultifdReceiver::start(chans, Method::None, d, b, None).unwrap();
+        r.sync(1).unwrap();
+        r.finish().unwrap();
+    });
+    let limit = 4u64 << 20;
+    let e = Arc::new(TestEnv {
+        counters: MigrationCounters::new(3),
+        limiter: RateLimiter::with_limit(limit),
+        cancel: AtomicBool::new(false),
+    });
+    let cfg = SendConfig {
+        channels: 3,
+        method: Method::None,
+        level: 0,
+        zero_copy: false,
+        uuid: UUID,
+    };
+    let t = Instant::now();
+    let mut s = MultifdSender::open(&uri, &cfg, src, e.clone(), Duration::from_secs(5)).unwrap();
+    let bitmap = AtomicBitmap::new(pages);
+    bitmap.set_all();
+    s.send_bitmap(&bitmap, None, Phase::Precopy, 1, || Ok(()))
+        .unwrap();
+    s.sync(1, Phase::Precopy, || Ok(())).unwrap();
+    let took = t.elapsed().as_secs_f64();
+    receiver.join().unwrap();
+    s.finish().unwrap();
+    let sent = e.counters.multifd_bytes();
+    // Three-quarters of 8 MiB are non-zero pages: about 6 MiB at 4 MiB/s, all channels
+    // together (one window's budget may go at once).
+    assert!(sent > 5 << 20, "{sent}");
+    let rate = sent as f64 / took;
+    assert!(rate < limit as f64 * 1.5, "{rate} B/s over {took} s");
+    assert!(took > 1.0, "{took}");
+}
