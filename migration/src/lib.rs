@@ -24,6 +24,7 @@ pub mod rate_limit;
 pub mod snapshot;
 pub mod source;
 pub mod stream;
+pub mod timeline;
 pub mod transport;
 pub mod uffd;
 pub mod vm;

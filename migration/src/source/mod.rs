@@ -15,6 +15,7 @@ use crate::events::MigrationEvents;
 use crate::info::{MigrationCounters, MigrationStatus, RamTotals, SourceState};
 use crate::options::{Capabilities, Capability, MigrationOptions, OptionsHooks};
 use crate::rate_limit::RateLimiter;
+use crate::timeline::{Figures, SampleKind, Timeline, TimelineSettings};
 use crate::transport::{Channel, MigrationUri};
 use crate::vm::SourceVm;
 
@@ -55,6 +56,7 @@ pub(crate) struct Shared {
     live: Live,
     start: Instant,
     caps: Capabilities,
+    timeline: crate::timeline::Recorder,
 }
 
 impl Shared {
@@ -78,6 +80,7 @@ impl Shared {
             }
         }
         self.status_cond.notify_all();
+        self.record_sample(SampleKind::Status, None);
         if self.caps.get(Capability::Events) {
             self.events
                 .emit("MIGRATION", json!({ "status": status.as_str() }));
@@ -135,6 +138,81 @@ impl Shared {
     pub(crate) fn set_throttle(&self, pct: u8) {
         self.live.throttle.store(pct, Ordering::Relaxed);
         self.vm.set_throttle(pct);
+        self.record_sample(SampleKind::Throttle, None);
+    }
+
+    /// Adds a sample to the timeline; `remaining` overrides the published remaining bytes.
+    pub(crate) fn record_sample(&self, kind: SampleKind, remaining: Option<u64>) {
+        self.timeline.record(kind, remaining, || {
+            let multifd = self
+                .live
+                .multifd
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let n = self.counters.multifd_channels();
+            Figures {
+                state: self.source_state(),
+                compression_ratio: multifd
+                    .filter(|m| m.method != crate::multifd::Method::None)
+                    .map(|m| m.compression_ratio()),
+                channel_bytes: (n > 0).then(|| {
+                    (0..n)
+                        .map(|i| {
+                            self.counters
+                                .channel_bytes(crate::info::Channel::Multifd(i))
+                        })
+                        .collect()
+                }),
+            }
+        });
+    }
+
+    /// Everything query-migrate reports about this migration.
+    fn source_state(&self) -> SourceState {
+        let s = self.lock_status().clone();
+        let ram = self.vm.ram();
+        let live = &self.live;
+        let total_time_ms = s
+            .total_time_ms
+            .unwrap_or_else(|| self.start.elapsed().as_millis() as u64);
+        let mbps = if s.status == MigrationStatus::Completed {
+            crate::convergence::completed_mbps(
+                self.counters.transferred(),
+                total_time_ms,
+                s.setup_time_ms,
+            )
+        } else {
+            f64::from_bits(live.mbps_bits.load(Ordering::Relaxed))
+        };
+        let remaining = if s.status == MigrationStatus::Completed {
+            0
+        } else {
+            live.remaining_bytes.load(Ordering::Relaxed)
+        };
+        let totals = RamTotals {
+            total_bytes: ram.size(),
+            remaining_bytes: remaining,
+            page_size: ram::PAGE_SIZE as u64,
+            mbps,
+            pages_per_second: live.pages_per_second.load(Ordering::Relaxed),
+        };
+        let mut stats = self.counters.ram_stats(&totals);
+        if s.status == MigrationStatus::Completed {
+            stats.dirty_pages_rate = 0;
+        }
+        SourceState {
+            status: s.status,
+            setup_time_ms: s.setup_time_ms,
+            total_time_ms,
+            expected_downtime_ms: live.expected_downtime_ms.load(Ordering::Relaxed),
+            downtime_ms: s.downtime_ms,
+            ram: stats,
+            xbzrle_cache: *live.xbzrle.lock().unwrap_or_else(|p| p.into_inner()),
+            cpu_throttle_percentage: live.throttle.load(Ordering::Relaxed),
+            error_desc: s.error,
+            blocked_reasons: Vec::new(),
+        }
     }
 
     /// A new XBZRLE cache size requested through migrate-set-parameters, if any.
@@ -248,6 +326,10 @@ impl Outgoing {
             live: Live::default(),
             start: Instant::now(),
             caps,
+            timeline: crate::timeline::Recorder::new(
+                Instant::now(),
+                timeline_settings(&caps, &params),
+            ),
         });
         options.set_running(true);
         options.register_hooks(Arc::new(Hooks(shared.clone())));
@@ -258,6 +340,17 @@ impl Outgoing {
             .name("migration".into())
             .spawn(move || precopy::run(s, u))
             .map_err(|e| MigrationError::Vm(format!("cannot start the migration thread: {e}")))?;
+        let s = shared.clone();
+        // Without its sampler the timeline still gets syncs and state changes.
+        let _ = std::thread::Builder::new()
+            .name("migration-timeline".into())
+            .spawn(move || {
+                crate::timeline::run_sampler(
+                    &s.timeline,
+                    || !s.status().is_running(),
+                    || s.record_sample(SampleKind::Tick, None),
+                )
+            });
         Ok(Arc::new(Outgoing {
             shared,
             thread: Mutex::new(Some(thread)),
@@ -344,48 +437,32 @@ impl Outgoing {
 
     /// Everything query-migrate reports about this migration.
     pub fn state(&self) -> SourceState {
-        let s = self.shared.lock_status().clone();
-        let ram = self.shared.vm.ram();
-        let live = &self.shared.live;
-        let total_time_ms = s
-            .total_time_ms
-            .unwrap_or_else(|| self.shared.start.elapsed().as_millis() as u64);
-        let mbps = if s.status == MigrationStatus::Completed {
-            crate::convergence::completed_mbps(
-                self.shared.counters.transferred(),
-                total_time_ms,
-                s.setup_time_ms,
-            )
+        self.shared.source_state()
+    }
+
+    /// The migration's timeline so far (all of it once the migration ended).
+    pub fn timeline(&self) -> Timeline {
+        self.shared.timeline.timeline()
+    }
+}
+
+/// The settings a timeline's chart names.
+fn timeline_settings(caps: &Capabilities, params: &crate::options::Parameters) -> TimelineSettings {
+    let multifd = caps.get(Capability::Multifd);
+    TimelineSettings {
+        multifd_channels: if multifd {
+            u32::from(params.multifd_channels)
         } else {
-            f64::from_bits(live.mbps_bits.load(Ordering::Relaxed))
-        };
-        let remaining = if s.status == MigrationStatus::Completed {
             0
-        } else {
-            live.remaining_bytes.load(Ordering::Relaxed)
-        };
-        let totals = RamTotals {
-            total_bytes: ram.size(),
-            remaining_bytes: remaining,
-            page_size: ram::PAGE_SIZE as u64,
-            mbps,
-            pages_per_second: live.pages_per_second.load(Ordering::Relaxed),
-        };
-        let mut stats = self.shared.counters.ram_stats(&totals);
-        if s.status == MigrationStatus::Completed {
-            stats.dirty_pages_rate = 0;
-        }
-        SourceState {
-            status: s.status,
-            setup_time_ms: s.setup_time_ms,
-            total_time_ms,
-            expected_downtime_ms: live.expected_downtime_ms.load(Ordering::Relaxed),
-            downtime_ms: s.downtime_ms,
-            ram: stats,
-            xbzrle_cache: *live.xbzrle.lock().unwrap_or_else(|p| p.into_inner()),
-            cpu_throttle_percentage: live.throttle.load(Ordering::Relaxed),
-            error_desc: s.error,
-            blocked_reasons: Vec::new(),
-        }
+        },
+        multifd_compression: multifd.then(|| {
+            crate::multifd::Method::from(params.multifd_compression)
+                .name()
+                .to_string()
+        }),
+        xbzrle: caps.get(Capability::Xbzrle),
+        auto_converge: caps.get(Capability::AutoConverge),
+        downtime_limit: params.downtime_limit,
+        max_bandwidth: params.max_bandwidth,
     }
 }

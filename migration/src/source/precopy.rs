@@ -26,6 +26,7 @@ use crate::stream::header::{
     HEADER_LEN, STREAM_VERSION,
 };
 use crate::stream::Reply;
+use crate::timeline::SampleKind;
 use crate::transport::{self, Channel, MigrationUri};
 use crate::xbzrle::XbzrleEncoder;
 
@@ -142,8 +143,12 @@ impl ReplyState {
     /// timed-out write into words a user can act on.
     fn explain(&mut self, e: MigrationError) -> MigrationError {
         if let Some(rx) = &self.rx {
-            if let Ok(Ok(Reply::Failed(why))) = rx.recv_timeout(Duration::from_millis(500)) {
-                return MigrationError::Destination(why);
+            match rx.recv_timeout(Duration::from_millis(500)) {
+                Ok(Ok(Reply::Failed(why))) => return MigrationError::Destination(why),
+                // The return path died first (its reason is the real one: a timed-out or
+                // reset connection), and then the write broke.
+                Ok(Err(why)) => self.closed = Some(why),
+                _ => {}
             }
         }
         match e {
@@ -155,8 +160,21 @@ impl ReplyState {
             {
                 MigrationError::DestinationLost(format!(
                     "no progress sending for {:?}: the destination stopped reading or the link is down ({io})",
-                    crate::transport::WRITE_TIMEOUT
+                    crate::transport::io_timeout()
                 ))
+            }
+            MigrationError::Stream(crate::stream::StreamError::Io(io))
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::BrokenPipe
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                match &self.closed {
+                    Some(why) => MigrationError::DestinationLost(why.clone()),
+                    None => MigrationError::DestinationLost(format!("the connection broke ({io})")),
+                }
             }
             other => other,
         }
@@ -196,6 +214,40 @@ impl ReplyState {
                 }
             }
         }
+    }
+}
+
+/// Between batches of a pass: looks for destination replies, updates the bandwidth
+/// estimate, and publishes live figures, with `remaining` shrinking as pages go out
+/// (QEMU reports the dirty pages not sent yet).
+fn live_tick(
+    shared: &Shared,
+    estimator: &mut BandwidthEstimator,
+    replies: &mut ReplyState,
+    pending_at_sync: u64,
+    pages_before: u64,
+) -> Result<()> {
+    replies.poll()?;
+    let sent = shared.counters.total_pages().saturating_sub(pages_before) * PAGE_SIZE as u64;
+    let remaining = pending_at_sync.saturating_sub(sent);
+    estimator.update(&progress(shared, pending_at_sync), &limits(shared));
+    shared.publish(
+        estimator.expected_downtime_ms(),
+        estimator.mbps(),
+        estimator.pages_per_second(),
+        remaining,
+    );
+    Ok(())
+}
+
+/// What the migration loop knows now, for the bandwidth estimator.
+fn progress(shared: &Shared, dirty_bytes: u64) -> Progress {
+    Progress {
+        now_ns: now_ns(shared.start),
+        transferred_bytes: shared.counters.transferred(),
+        transferred_pages: shared.counters.total_pages(),
+        dirty_bytes_last_sync: dirty_bytes,
+        dirty_pages_rate: shared.counters.dirty_pages_rate(),
     }
 }
 
@@ -252,7 +304,13 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
     let caps = *shared.caps();
     let ram = shared.vm.ram();
     let multifd = multifd_config(shared, uri)?;
-    let ch = transport::connect(uri, CONNECT_TIMEOUT)?;
+    let ch = transport::connect_cancellable(uri, CONNECT_TIMEOUT, &shared.cancel).map_err(|e| {
+        if shared.cancelled() {
+            MigrationError::Cancelled
+        } else {
+            e.into()
+        }
+    })?;
     if shared.cancelled() {
         return Err(MigrationError::Cancelled);
     }
@@ -329,13 +387,6 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
     shared.set_setup_time(t0.elapsed().as_millis() as u64);
     shared.set_status(MigrationStatus::Active);
 
-    let progress = |shared: &Shared, dirty_bytes: u64| Progress {
-        now_ns: now_ns(t0),
-        transferred_bytes: shared.counters.transferred(),
-        transferred_pages: shared.counters.total_pages(),
-        dirty_bytes_last_sync: dirty_bytes,
-        dirty_pages_rate: shared.counters.dirty_pages_rate(),
-    };
     let mut estimator = BandwidthEstimator::new(&progress(shared, ram.size()), &limits(shared));
     let mut periods = DirtyPeriodTracker::new(PAGE_SIZE as u64);
     periods.reset(
@@ -379,17 +430,7 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
                 Some(tracker.as_ref()),
                 Phase::Precopy,
                 pass,
-                || {
-                    replies.poll()?;
-                    estimator.update(&progress(shared, cur_pending), &limits(shared));
-                    shared.publish(
-                        estimator.expected_downtime_ms(),
-                        estimator.mbps(),
-                        estimator.pages_per_second(),
-                        cur_pending,
-                    );
-                    Ok(())
-                },
+                || live_tick(shared, &mut estimator, &mut replies, cur_pending, pages_before),
             )
             .and_then(|_| mfd.sync(pass, Phase::Precopy, || replies.poll()))
             .map_err(|e| replies.explain(e))?;
@@ -421,15 +462,7 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
                 }
                 sender
                     .send_bitmap(&bitmap, |_| {
-                        replies.poll()?;
-                        estimator.update(&progress(shared, cur_pending), &limits(shared));
-                        shared.publish(
-                            estimator.expected_downtime_ms(),
-                            estimator.mbps(),
-                            estimator.pages_per_second(),
-                            cur_pending,
-                        );
-                        Ok(())
+                        live_tick(shared, &mut estimator, &mut replies, cur_pending, pages_before)
                     })
                     .map_err(|e| replies.explain(e))?;
                 xbzrle_pages = sender.xbzrle_pages;
@@ -473,6 +506,7 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
             estimator.pages_per_second(),
             pending_bytes,
         );
+        shared.record_sample(SampleKind::Sync, Some(pending_bytes));
         if shared.cancelled() {
             return Err(MigrationError::Cancelled);
         }
@@ -500,7 +534,13 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
         prev_pending = pending_bytes;
     }
 
-    // Switchover.
+    // Switchover: the guest stops first (QEMU's finish-migrate), then pre-switchover waits
+    // for migrate-continue with the guest held stopped.
+    let stop_at = Instant::now();
+    if shared.vm.is_running() {
+        shared.vm.stop_vcpus().map_err(MigrationError::Vm)?;
+        *stopped_vcpus = true;
+    }
     if caps.get(Capability::PauseBeforeSwitchover) {
         shared.set_status(MigrationStatus::PreSwitchover);
         if !shared.wait_continue() {
@@ -508,14 +548,13 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
         }
     }
     shared.set_status(MigrationStatus::Device);
-    let stop_at = Instant::now();
-    if shared.vm.is_running() {
-        shared.vm.stop_vcpus().map_err(MigrationError::Vm)?;
-        *stopped_vcpus = true;
-    }
     shared.limiter.lift();
     tracker.sync(&bitmap).map_err(MigrationError::Vm)?;
     shared.counters.inc_dirty_sync_count();
+    shared.record_sample(
+        SampleKind::Sync,
+        Some(bitmap.count_ones() * PAGE_SIZE as u64),
+    );
     if let Some(mfd) = channels.as_mut() {
         // The vCPUs are stopped: nothing needs re-arming. The last pass ends like the others.
         let last = pass + 1;
