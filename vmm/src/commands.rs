@@ -308,11 +308,14 @@ fn migrate(vmm: &Arc<Vmm>, args: &Map<String, Value>) -> Result<Value, QmpError>
         return crate::snapshot::start(vmm, uri);
     }
     crate::snapshot::forget(vmm);
-    let source = Arc::new(MachineSource::new(
-        vmm.machine.clone(),
-        vmm.uuid,
-        vmm.props.store_global_state,
-    ));
+    let source = Arc::new(
+        MachineSource::new(
+            vmm.machine.clone(),
+            vmm.uuid,
+            vmm.props.store_global_state,
+        )
+        .with_dirty_tracker(crate::dirty::uffd_async::tracker_for(vmm)),
+    );
     let out = Outgoing::start(
         uri,
         source,

@@ -63,6 +63,7 @@ pub struct MachineSource {
     uuid: [u8; 16],
     store_global_state: bool,
     was_running: AtomicBool,
+    dirty: Option<Arc<dyn DirtyTracker>>,
 }
 
 impl MachineSource {
@@ -74,7 +75,14 @@ impl MachineSource {
             uuid,
             store_global_state,
             was_running: AtomicBool::new(false),
+            dirty: None,
         }
+    }
+
+    /// Tracks dirty pages with `tracker` instead of the machine's (KVM's log or ring).
+    pub fn with_dirty_tracker(mut self, tracker: Option<Arc<dyn DirtyTracker>>) -> Self {
+        self.dirty = tracker;
+        self
     }
 }
 
@@ -89,7 +97,10 @@ impl SourceVm for MachineSource {
         self.uuid
     }
     fn dirty_tracker(&self) -> Arc<dyn DirtyTracker> {
-        self.machine.dirty_tracker()
+        match &self.dirty {
+            Some(t) => t.clone(),
+            None => self.machine.dirty_tracker(),
+        }
     }
     fn is_running(&self) -> bool {
         self.machine.is_running()

@@ -51,6 +51,104 @@ pub fn for_each_entry(
     Ok(())
 }
 
+/// `struct pm_scan_arg` (linux/fs.h).
+#[repr(C)]
+#[derive(Debug, Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+/// `struct page_region`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+/// `PM_SCAN_WP_MATCHING`: write-protect the pages reported.
+const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+/// `PM_SCAN_CHECK_WPASYNC`: fail unless the range is registered with WP_ASYNC.
+const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+/// `PAGE_IS_WRITTEN`: written since last write-protected.
+const PAGE_IS_WRITTEN: u64 = 1 << 1;
+
+nix::ioctl_readwrite!(
+    /// `PAGEMAP_SCAN`: `_IOWR('f', 16, struct pm_scan_arg)` (Linux 6.7+).
+    pagemap_scan,
+    b'f',
+    16,
+    PmScanArg
+);
+
+/// Reads and re-arms the pages written under `UFFD_FEATURE_WP_ASYNC` protection with one
+/// `PAGEMAP_SCAN` walk per call.
+pub struct PagemapScanner {
+    pagemap: File,
+    regions: Vec<PageRegion>,
+}
+
+impl PagemapScanner {
+    /// Opens `/proc/self/pagemap`.
+    pub fn new() -> io::Result<Self> {
+        Ok(PagemapScanner {
+            pagemap: File::open("/proc/self/pagemap")?,
+            regions: vec![PageRegion::default(); 4096],
+        })
+    }
+
+    /// Calls `f(first, count)` for every run of pages of `[addr, addr + len)` written since
+    /// they were last protected (page indexes from `addr`), and protects them again.
+    pub fn take_written(
+        &mut self,
+        addr: usize,
+        len: usize,
+        mut f: impl FnMut(u64, u64),
+    ) -> io::Result<()> {
+        let end = (addr + len) as u64;
+        let mut at = addr as u64;
+        while at < end {
+            let mut arg = PmScanArg {
+                size: std::mem::size_of::<PmScanArg>() as u64,
+                flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                start: at,
+                end,
+                vec: self.regions.as_mut_ptr() as u64,
+                vec_len: self.regions.len() as u64,
+                category_mask: PAGE_IS_WRITTEN,
+                return_mask: PAGE_IS_WRITTEN,
+                ..PmScanArg::default()
+            };
+            // SAFETY: `arg` is a live pm_scan_arg whose `vec` points at `self.regions`
+            // (vec_len entries), which the kernel fills; nothing else borrows them.
+            let n =
+                unsafe { pagemap_scan(std::os::fd::AsRawFd::as_raw_fd(&self.pagemap), &mut arg) }
+                    .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
+            for r in &self.regions[..(n as usize).min(self.regions.len())] {
+                let first = (r.start - addr as u64) / PAGE_SIZE as u64;
+                f(first, (r.end - r.start) / PAGE_SIZE as u64);
+            }
+            if arg.walk_end <= at {
+                return Err(io::Error::other("PAGEMAP_SCAN made no progress"));
+            }
+            at = arg.walk_end;
+        }
+        Ok(())
+    }
+}
+
 /// Pages of guest RAM whose uffd-wp bit is set (0 once a snapshot has cleaned up).
 pub fn protected_pages(ram: &GuestRam) -> io::Result<u64> {
     let mut n = 0;

@@ -20,7 +20,7 @@ use thiserror::Error;
 use userfaultfd::{RegisterMode, Uffd};
 
 use crate::uffd::features::{
-    FEATURE_PAGEFAULT_FLAG_WP, FEATURE_THREAD_ID, FEATURE_WP_HUGETLBFS_SHMEM,
+    FEATURE_PAGEFAULT_FLAG_WP, FEATURE_THREAD_ID, FEATURE_WP_ASYNC, FEATURE_WP_HUGETLBFS_SHMEM,
     FEATURE_WP_UNPOPULATED, IOCTL_WRITEPROTECT,
 };
 use crate::uffd::{self, UffdError, UffdFeatures};
@@ -133,10 +133,29 @@ impl WriteProtector {
     /// Opens a userfaultfd for `ram` and registers all of it in write-protect mode
     /// (nothing is protected yet).
     pub fn new(ram: &GuestRam) -> Result<Self> {
+        Self::with_mode(ram, false)
+    }
+
+    /// Like [`WriteProtector::new`], with `UFFD_FEATURE_WP_ASYNC`: writes to protected
+    /// pages are resolved by the kernel without a fault message, and `PAGEMAP_SCAN` finds
+    /// them (see [`super::pagemap::PagemapScanner`]) — a dirty tracker.
+    pub fn new_async(ram: &GuestRam) -> Result<Self> {
+        Self::with_mode(ram, true)
+    }
+
+    fn with_mode(ram: &GuestRam, asynchronous: bool) -> Result<Self> {
         let (offered, _) = uffd::query_features()?;
         let strategy =
             strategy_for(ram.backing_kind(), &offered).map_err(ProtectError::Unsupported)?;
         let mut features = FEATURE_PAGEFAULT_FLAG_WP;
+        if asynchronous {
+            if !offered.contains(FEATURE_WP_ASYNC) {
+                return Err(ProtectError::Unsupported(
+                    "the kernel offers no UFFD_FEATURE_WP_ASYNC".into(),
+                ));
+            }
+            features |= FEATURE_WP_ASYNC;
+        }
         for optional in [FEATURE_THREAD_ID, FEATURE_WP_HUGETLBFS_SHMEM] {
             if offered.contains(optional) {
                 features |= optional;
@@ -190,6 +209,14 @@ impl WriteProtector {
     /// Everything the kernel offers.
     pub fn offered(&self) -> UffdFeatures {
         self.offered
+    }
+
+    /// The registered host mappings: (host address, bytes, RAM page number of the first page).
+    pub fn areas(&self) -> Vec<(usize, usize, u64)> {
+        self.areas
+            .iter()
+            .map(|a| (a.host, a.len, a.first_page))
+            .collect()
     }
 
     /// The userfaultfd (to read fault events from).
@@ -251,8 +278,17 @@ impl WriteProtector {
         Ok(())
     }
 
+    /// Write-protects pages `[first, first + count)`.
+    pub fn protect(&self, first: u64, count: u64) -> Result<()> {
+        self.change_pages(first, count, true)
+    }
+
     /// Removes the protection of pages `[first, first + count)` and wakes their waiters.
     pub fn unprotect(&self, first: u64, count: u64) -> Result<()> {
+        self.change_pages(first, count, false)
+    }
+
+    fn change_pages(&self, first: u64, count: u64, protect: bool) -> Result<()> {
         let end = first.saturating_add(count);
         for a in &self.areas {
             let a_end = a.first_page + (a.len / PAGE_SIZE) as u64;
@@ -260,7 +296,7 @@ impl WriteProtector {
             let e = end.min(a_end);
             if s < e {
                 let host = a.host + ((s - a.first_page) as usize) * PAGE_SIZE;
-                self.change(host, ((e - s) as usize) * PAGE_SIZE, false)?;
+                self.change(host, ((e - s) as usize) * PAGE_SIZE, protect)?;
             }
         }
         Ok(())

@@ -11,17 +11,31 @@
 //!    (`stop`, snapshot, `cont`): the stall is the whole save.
 //!
 //! Figures are medians over `--runs`; every command is printed.
+//!
+//! `--dirty-sync` adds the cost of one dirty-page sync per GiB of guest memory for the three
+//! trackers a precopy can use, measured in this process on real VMs whose guest dirties
+//! the same working set: KVM's dirty bitmap (GET_DIRTY_LOG + the CLEAR_DIRTY_LOG re-arm),
+//! KVM's dirty ring, and userfaultfd WP_ASYNC + PAGEMAP_SCAN
+//! ([`crate::dirty::UffdAsyncTracker`]).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use devices::SerialOutput;
+use migration::vm::DirtyTracker;
+use ram::{AtomicBitmap, MemoryConfig};
+
 use super::migrate::proc::BenchVmm;
 use super::migrate::BenchError;
+use crate::dirty::UffdAsyncTracker;
+use crate::kvm::vm::{DirtyMode, VmOptions};
+use crate::machine::{Machine, MachineConfig, NoEvents, Workload};
 
 /// Arguments of `ferry bench snapshot`.
 #[derive(Debug, Args, Clone)]
@@ -53,6 +67,32 @@ pub struct SnapshotArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Also compare the dirty-sync cost of KVM's bitmap, KVM's ring and userfaultfd
+    /// WP_ASYNC + PAGEMAP_SCAN (in this process, on 1 and 4 GiB guests; 256 MiB and 1 GiB
+    /// with --quick).
+    #[arg(long)]
+    pub dirty_sync: bool,
+    /// Only the dirty-sync comparison.
+    #[arg(long)]
+    pub dirty_sync_only: bool,
+}
+
+/// One dirty tracker's sync cost on one guest size.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SyncRow {
+    /// bitmap, ring or uffd-async.
+    pub tracker: String,
+    /// Guest memory in MiB.
+    pub guest_mib: u64,
+    /// Mean pages newly dirty per sync.
+    pub dirty_per_sync: f64,
+    /// Median time of one sync (with the re-arm of all memory for the bitmap), ms.
+    pub sync_ms: f64,
+    /// That per GiB of guest memory, µs.
+    pub us_per_gib: f64,
+    /// Why it was not measured.
+    pub unavailable: Option<String>,
 }
 
 /// One run's figures.
@@ -86,7 +126,7 @@ pub struct RunFigures {
 }
 
 /// The report.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct SnapshotReport {
     /// The `ferry run` command.
@@ -97,6 +137,8 @@ pub struct SnapshotReport {
     pub median: Option<RunFigures>,
     /// p99 fault latency under 1 ms (median run).
     pub p99_goal_met: bool,
+    /// The dirty-sync comparison, when asked for.
+    pub dirty_sync: Vec<SyncRow>,
 }
 
 fn num(v: &Value) -> f64 {
@@ -202,8 +244,123 @@ fn medians(runs: &[RunFigures]) -> Option<RunFigures> {
     })
 }
 
+fn boot(size: u64, dirty: DirtyMode) -> Result<Machine, String> {
+    let config = MachineConfig {
+        memory: MemoryConfig {
+            size,
+            ..MemoryConfig::default()
+        },
+        vcpus: 1,
+        workload: Workload {
+            working_set: 32 << 20,
+            rate: 20_000,
+            pattern: devices::guest_abi::Pattern::Full,
+        },
+        serial: SerialOutput::None,
+        vm: VmOptions {
+            dirty,
+            ..VmOptions::default()
+        },
+    };
+    Machine::boot(config, Arc::new(NoEvents)).map_err(|e| e.to_string())
+}
+
+/// Times `syncs` syncs of `tracker`, one every 100 ms, while the guest dirties memory.
+fn time_syncs(tracker: &dyn DirtyTracker, pages: u64, syncs: usize) -> Result<(f64, f64), String> {
+    tracker.start()?;
+    let bitmap = AtomicBitmap::new(pages);
+    let manual = tracker.clear_chunk_pages().is_some();
+    tracker.prepare_send(0, pages)?;
+    let mut times = Vec::with_capacity(syncs);
+    let mut dirty = 0;
+    for _ in 0..syncs {
+        std::thread::sleep(Duration::from_millis(100));
+        let t0 = Instant::now();
+        let r = tracker.sync(&bitmap).and_then(|n| {
+            if manual {
+                tracker.prepare_send(0, pages)?;
+            }
+            Ok(n)
+        });
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+        match r {
+            Ok(n) => dirty += n,
+            Err(e) => {
+                tracker.stop();
+                return Err(e);
+            }
+        }
+        bitmap.clear_all();
+    }
+    tracker.stop();
+    Ok((
+        median(times.into_iter()),
+        dirty as f64 / syncs.max(1) as f64,
+    ))
+}
+
+fn sync_row(size: u64, tracker: &str, syncs: usize) -> SyncRow {
+    let mode = if tracker == "ring" {
+        DirtyMode::Ring(4096)
+    } else {
+        DirtyMode::Bitmap
+    };
+    let result = boot(size, mode).and_then(|machine| {
+        // Let the guest write its working set once.
+        std::thread::sleep(Duration::from_millis(500));
+        let pages = machine.ram().page_count();
+        if tracker == "uffd-async" {
+            let t = UffdAsyncTracker::new(machine.ram().clone());
+            time_syncs(&t, pages, syncs)
+        } else {
+            time_syncs(machine.dirty_tracker().as_ref(), pages, syncs)
+        }
+    });
+    let gib = size as f64 / (1u64 << 30) as f64;
+    match result {
+        Ok((ms, dirty)) => SyncRow {
+            tracker: tracker.into(),
+            guest_mib: size >> 20,
+            dirty_per_sync: dirty,
+            sync_ms: ms,
+            us_per_gib: ms * 1e3 / gib,
+            unavailable: None,
+        },
+        Err(e) => SyncRow {
+            tracker: tracker.into(),
+            guest_mib: size >> 20,
+            dirty_per_sync: 0.0,
+            sync_ms: 0.0,
+            us_per_gib: 0.0,
+            unavailable: Some(e),
+        },
+    }
+}
+
+/// The dirty-sync comparison.
+pub fn dirty_sync_rows(quick: bool) -> Vec<SyncRow> {
+    let (sizes, syncs): (&[u64], usize) = if quick {
+        (&[256 << 20, 1 << 30], 5)
+    } else {
+        (&[1 << 30, 4 << 30], 20)
+    };
+    let mut rows = Vec::new();
+    for &size in sizes {
+        for tracker in ["bitmap", "ring", "uffd-async"] {
+            rows.push(sync_row(size, tracker, syncs));
+        }
+    }
+    rows
+}
+
 /// Runs the benchmark.
 pub fn measure(a: &SnapshotArgs) -> Result<SnapshotReport, BenchError> {
+    if a.dirty_sync_only {
+        return Ok(SnapshotReport {
+            dirty_sync: dirty_sync_rows(a.quick),
+            ..SnapshotReport::default()
+        });
+    }
     let ferry = match &a.ferry {
         Some(p) => p.clone(),
         None => std::env::current_exe().map_err(|e| BenchError::Io("ferry".into(), e))?,
@@ -259,6 +416,11 @@ pub fn measure(a: &SnapshotArgs) -> Result<SnapshotReport, BenchError> {
         p99_goal_met: median.as_ref().is_some_and(|m| m.fault_p99_us < 1000.0),
         runs,
         median,
+        dirty_sync: if a.dirty_sync {
+            dirty_sync_rows(a.quick)
+        } else {
+            Vec::new()
+        },
     })
 }
 
@@ -266,10 +428,43 @@ impl SnapshotReport {
     /// The report as text.
     pub fn to_text(&self) -> String {
         let mut o = String::new();
-        let _ = writeln!(o, "guest: {}", self.command);
-        let Some(m) = &self.median else {
-            return o;
-        };
+        if let Some(m) = &self.median {
+            let _ = writeln!(o, "guest: {}", self.command);
+            self.snapshot_text(m, &mut o);
+        }
+        if !self.dirty_sync.is_empty() {
+            let _ = writeln!(
+                o,
+                "dirty sync (one vCPU dirtying 32 MiB, a sync every 100 ms; bitmap includes re-arming all memory):"
+            );
+            let _ = writeln!(
+                o,
+                "  {:<11} {:>7} {:>11} {:>10} {:>11}",
+                "tracker", "guest", "dirty/sync", "sync ms", "µs per GiB"
+            );
+            for r in &self.dirty_sync {
+                match &r.unavailable {
+                    Some(why) => {
+                        let _ = writeln!(
+                            o,
+                            "  {:<11} {:>5}M  unavailable: {why}",
+                            r.tracker, r.guest_mib
+                        );
+                    }
+                    None => {
+                        let _ = writeln!(
+                            o,
+                            "  {:<11} {:>5}M {:>11.0} {:>10.3} {:>11.1}",
+                            r.tracker, r.guest_mib, r.dirty_per_sync, r.sync_ms, r.us_per_gib
+                        );
+                    }
+                }
+            }
+        }
+        o
+    }
+
+    fn snapshot_text(&self, m: &RunFigures, o: &mut String) {
         let _ = writeln!(
             o,
             "background snapshot (median of {} runs):",
@@ -303,7 +498,6 @@ impl SnapshotReport {
             m.stop_the_world_stall_ms,
             m.stop_the_world_stall_ms / m.stall_ms.max(1e-3)
         );
-        o
     }
 }
 
@@ -361,6 +555,7 @@ mod tests {
             runs: vec![r(1.0)],
             median: Some(m),
             p99_goal_met: true,
+            dirty_sync: Vec::new(),
         }
         .to_text();
         assert!(text.contains("goal p99 < 1 ms: met"), "{text}");

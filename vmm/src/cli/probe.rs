@@ -26,6 +26,8 @@ use migration::snapshot::{probe_unpopulated_wp, UnpopulatedWpReport};
 use migration::uffd::features::FEATURE_NAMES;
 use migration::uffd::{self, OpenMethod, RamArea, WriteTrackingSupport};
 use ram::{GuestRam, MemoryConfig};
+
+use crate::dirty::UffdAsyncTracker;
 use serde::Serialize;
 
 /// Arguments of `ferry probe`.
@@ -148,6 +150,18 @@ pub struct BackendReport {
     pub unpopulated_wp: Option<UnpopulatedWpReport>,
 }
 
+/// One source of dirty-page information for precopy (`ferry run --dirty-tracking`).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DirtySource {
+    /// The `--dirty-tracking` value.
+    pub name: String,
+    /// Whether it works here.
+    pub available: bool,
+    /// What was checked, or why it is not available.
+    pub detail: String,
+}
+
 /// Everything `ferry probe` reports.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -162,6 +176,8 @@ pub struct ProbeReport {
     pub memory: MemoryReport,
     /// Per backend.
     pub write_tracking: Vec<BackendReport>,
+    /// Dirty-page sources for precopy.
+    pub dirty_tracking: Vec<DirtySource>,
     /// Everything live migration needs is here.
     pub live_migration_ready: bool,
     /// What live migration lacks.
@@ -350,12 +366,71 @@ fn probe_backends() -> Vec<BackendReport> {
     out
 }
 
+/// Tracks a write to one page of a small memfd with WP_ASYNC + PAGEMAP_SCAN.
+fn uffd_async_works() -> Result<(), String> {
+    use migration::vm::DirtyTracker;
+    let ram = std::sync::Arc::new(
+        GuestRam::new(&MemoryConfig {
+            size: 2 << 20,
+            ..MemoryConfig::default()
+        })
+        .map_err(|e| e.to_string())?,
+    );
+    if let Some(why) = UffdAsyncTracker::unsupported(&ram) {
+        return Err(why);
+    }
+    let t = UffdAsyncTracker::new(ram.clone());
+    t.start()?;
+    let bitmap = ram::AtomicBitmap::new(ram.page_count());
+    ram.write_page(7, &[1; ram::PAGE_SIZE])
+        .map_err(|e| e.to_string())?;
+    let n = t.sync(&bitmap);
+    t.stop();
+    match n {
+        Ok(1) if bitmap.get(7) => Ok(()),
+        Ok(n) => Err(format!("a write to one page was reported as {n} pages")),
+        Err(e) => Err(e),
+    }
+}
+
+fn probe_dirty_sources(kvm: &KvmReport) -> Vec<DirtySource> {
+    let uffd = uffd_async_works();
+    vec![
+        DirtySource {
+            name: "bitmap".into(),
+            available: kvm.dirty_log,
+            detail: if kvm.manual_dirty_log_protect != 0 {
+                "KVM dirty log with manual protect".into()
+            } else {
+                "KVM dirty log".into()
+            },
+        },
+        DirtySource {
+            name: "ring".into(),
+            available: kvm.dirty_ring_max_bytes > 0,
+            detail: format!(
+                "KVM dirty ring, up to {} entries per vCPU",
+                kvm.dirty_ring_max_entries
+            ),
+        },
+        DirtySource {
+            name: "uffd-async".into(),
+            available: uffd.is_ok(),
+            detail: match uffd {
+                Ok(()) => "userfaultfd WP_ASYNC + PAGEMAP_SCAN (a write was tracked)".into(),
+                Err(e) => e,
+            },
+        },
+    ]
+}
+
 /// Probes the host.
 pub fn probe() -> ProbeReport {
     let kvm = probe_kvm();
     let userfaultfd = probe_uffd();
     let memory = probe_memory();
     let write_tracking = probe_backends();
+    let dirty_tracking = probe_dirty_sources(&kvm);
     let mut missing = Vec::new();
     if !kvm.available {
         missing.push(format!(
@@ -397,6 +472,7 @@ pub fn probe() -> ProbeReport {
         userfaultfd,
         memory,
         write_tracking,
+        dirty_tracking,
     }
 }
 
@@ -523,6 +599,11 @@ impl ProbeReport {
                 let _ = write!(line, " ({r})");
             }
             row(&mut o, &b.backend, line);
+        }
+        o.push_str("dirty tracking for precopy (--dirty-tracking)\n");
+        for d in &self.dirty_tracking {
+            let state = if d.available { "yes" } else { "no" };
+            row(&mut o, &d.name, format!("{state}: {}", d.detail));
         }
         let snap = if self.background_snapshot_ready {
             "ready"

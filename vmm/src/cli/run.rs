@@ -57,7 +57,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_irqchip: bool,
     /// How migrations find dirty pages: `bitmap` (KVM's dirty log, with manual protect when
-    /// offered) or `ring[:ENTRIES]` (KVM's per-vCPU dirty ring, default 4096 entries).
+    /// offered), `ring[:ENTRIES]` (KVM's per-vCPU dirty ring, default 4096 entries) or
+    /// `uffd-async` (userfaultfd WP_ASYNC + PAGEMAP_SCAN, Linux 6.7+; see `ferry probe`).
     #[arg(long, default_value = "bitmap")]
     pub dirty_tracking: String,
     /// A QEMU migration property, as with QEMU's -global (repeatable), e.g.
@@ -81,6 +82,7 @@ fn parse_dirty_tracking(text: &str) -> Result<DirtyMode, String> {
     match text.split_once(':') {
         None if text == "bitmap" => Ok(DirtyMode::Bitmap),
         None if text == "ring" => Ok(DirtyMode::Ring(4096)),
+        None if text == "uffd-async" => Ok(DirtyMode::Bitmap), // KVM's side: see run()
         Some(("ring", n)) => n
             .parse::<u32>()
             .ok()
@@ -89,7 +91,7 @@ fn parse_dirty_tracking(text: &str) -> Result<DirtyMode, String> {
             .ok_or_else(|| {
                 format!("ring size '{n}' must be a power of two of at least 64 entries")
             }),
-        _ => Err(format!("'{text}' is not bitmap or ring[:ENTRIES]")),
+        _ => Err(format!("'{text}' is not bitmap, ring[:ENTRIES] or uffd-async")),
     }
 }
 
@@ -260,6 +262,12 @@ pub fn run(a: RunArgs) -> i32 {
         !a.paused,
         mode,
     );
+    if a.dirty_tracking == "uffd-async" {
+        if let Err(e) = crate::dirty::uffd_async::select(&vmm) {
+            eprintln!("ferry: --dirty-tracking: {e}");
+            return 1;
+        }
+    }
     let server = match &a.qmp {
         None => None,
         Some(path) => {
