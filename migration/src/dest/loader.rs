@@ -43,7 +43,13 @@ pub fn check_header(header: &Header, vm: &dyn DestVm) -> Result<()> {
         .into());
     }
     // As QEMU: the source sends its UUID for checking when validate-uuid is on there.
-    if header.has(FEATURE_VALIDATE_UUID) && header.uuid != vm.uuid() {
+    // A destination without a UUID of its own cannot check (QEMU only warns then).
+    if header.has(FEATURE_VALIDATE_UUID) && vm.uuid() == [0; 16] {
+        eprintln!(
+            "ferry: warning: the source asks to validate its UUID {} but this VM has none (--uuid): not checked",
+            uuid::Uuid::from_bytes(header.uuid)
+        );
+    } else if header.has(FEATURE_VALIDATE_UUID) && header.uuid != vm.uuid() {
         return Err(StreamError::Mismatch(format!(
             "UUID received is {} and local is {}",
             uuid::Uuid::from_bytes(header.uuid),

@@ -195,8 +195,12 @@ fn receive(
     vm: &dyn DestVm,
     fresh_ram: bool,
 ) -> Result<()> {
-    let ch = listener.accept()?;
     let options = shared.options.clone();
+    let security = crate::transport::tls::Security::destination(&options.params())
+        .map_err(crate::transport::TransportError::from)?;
+    let ch = security
+        .secure(listener.accept()?)
+        .map_err(crate::transport::TransportError::from)?;
     shared.set_status(MigrationStatus::Active);
     let mut reply_ch =
         if ch.is_bidirectional() {
@@ -206,7 +210,15 @@ fn receive(
         } else {
             None
         };
-    let result = load(ch, listener, &options, reply_ch.as_mut(), vm, fresh_ram);
+    let result = load(
+        ch,
+        listener,
+        &options,
+        &security,
+        reply_ch.as_mut(),
+        vm,
+        fresh_ram,
+    );
     if let (Err(e), Some(rc)) = (&result, reply_ch.as_mut()) {
         // Tell the source why, so its error says more than "connection reset".
         let _ = Reply::Failed(e.to_string()).write_to(rc);
@@ -219,6 +231,7 @@ fn load(
     ch: Channel,
     listener: &Listener,
     options: &MigrationOptions,
+    security: &crate::transport::tls::Security,
     mut reply_ch: Option<&mut Channel>,
     vm: &dyn DestVm,
     fresh_ram: bool,
@@ -239,7 +252,7 @@ fn load(
     let ram = vm.ram();
     let mut loader = RamLoader::new(&ram, fresh_ram);
     let mut multifd = if header.multifd_channels > 0 {
-        let channels = accept_channels(listener, &header, MULTIFD_ACCEPT_TIMEOUT)?;
+        let channels = accept_channels(listener, &header, MULTIFD_ACCEPT_TIMEOUT, security)?;
         let main = reader.get_mut().try_clone().ok();
         Some(MultifdReceiver::start(
             channels,

@@ -82,6 +82,7 @@ pub fn accept_channels(
     listener: &Listener,
     header: &Header,
     timeout: Duration,
+    security: &crate::transport::tls::Security,
 ) -> Result<Vec<Channel>> {
     let n = header.multifd_channels as usize;
     let method = Method::from_code(header.multifd_compression).unwrap_or(Method::None);
@@ -89,11 +90,14 @@ pub fn accept_channels(
     let mut slots: Vec<Option<Channel>> = (0..n).map(|_| None).collect();
     for got in 0..n {
         let left = deadline.saturating_duration_since(Instant::now());
-        let mut ch = listener.accept_timeout(left).map_err(|e| {
+        let ch = listener.accept_timeout(left).map_err(|e| {
             MigrationError::Stream(StreamError::Invalid(format!(
                 "only {got} of {n} multifd channels connected within {timeout:?}: {e}"
             )))
         })?;
+        let mut ch = security
+            .secure(ch)
+            .map_err(|e| MigrationError::Transport(e.into()))?;
         let left = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(10));

@@ -99,6 +99,7 @@ impl MultifdSender {
         ram: Arc<GuestRam>,
         env: Arc<dyn SendEnv>,
         connect_timeout: Duration,
+        security: &transport::tls::Security,
     ) -> Result<Self> {
         if let MigrationUri::File { .. } = uri {
             return Err(MigrationError::Config(
@@ -120,10 +121,13 @@ impl MultifdSender {
         let mut sockets = Vec::with_capacity(n);
         let mut writers = Vec::with_capacity(n);
         for id in 0..n {
-            let mut ch = transport::connect(uri, connect_timeout).map_err(|e| {
+            let ch = transport::connect(uri, connect_timeout).map_err(|e| {
                 MigrationError::DestinationLost(format!(
                     "multifd channel {id} could not connect: {e}"
                 ))
+            })?;
+            let mut ch = security.secure(ch).map_err(|e| {
+                MigrationError::DestinationLost(format!("multifd channel {id}: {e}"))
             })?;
             let hs = Handshake {
                 uuid: cfg.uuid,

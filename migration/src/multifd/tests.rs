@@ -120,7 +120,13 @@ fn migrate(
     let (d, b) = (dst.clone(), book.clone());
     let receiver = std::thread::spawn(move || {
         let h = header(channels, method);
-        let chans = accept_channels(&listener, &h, Duration::from_secs(10)).unwrap();
+        let chans = accept_channels(
+            &listener,
+            &h,
+            Duration::from_secs(10),
+            &crate::transport::tls::Security::Plain,
+        )
+        .unwrap();
         let mut r = MultifdReceiver::start(chans, method, d, b, None).unwrap();
         for pass in 1..=3 {
             r.sync(pass).unwrap();
@@ -135,8 +141,15 @@ fn migrate(
         zero_copy: false,
         uuid: UUID,
     };
-    let mut s =
-        MultifdSender::open(&uri, &cfg, src.clone(), e.clone(), Duration::from_secs(5)).unwrap();
+    let mut s = MultifdSender::open(
+        &uri,
+        &cfg,
+        src.clone(),
+        e.clone(),
+        Duration::from_secs(5),
+        &crate::transport::tls::Security::Plain,
+    )
+    .unwrap();
     let bitmap = AtomicBitmap::new(pages);
     bitmap.set_all();
     let mut calls = 0;
@@ -268,6 +281,7 @@ fn a_channel_that_never_connects_fails_within_the_timeout() {
         &listener,
         &header(2, Method::None),
         Duration::from_millis(300),
+        &crate::transport::tls::Security::Plain,
     )
     .err()
     .unwrap()
@@ -306,6 +320,7 @@ fn a_wrong_uuid_or_duplicate_id_is_refused() {
             &listener,
             &header(2, Method::None),
             Duration::from_millis(500),
+            &crate::transport::tls::Security::Plain,
         )
         .err()
         .unwrap()
@@ -332,7 +347,13 @@ fn raw_channel(method: Method, tag: &str) -> (std::os::unix::net::UnixStream, Mu
         .encode(),
     )
     .unwrap();
-    let chans = accept_channels(&listener, &header(1, method), Duration::from_secs(5)).unwrap();
+    let chans = accept_channels(
+        &listener,
+        &header(1, method),
+        Duration::from_secs(5),
+        &crate::transport::tls::Security::Plain,
+    )
+    .unwrap();
     let book = Arc::new(PageBook::new(RAM_SIZE / 4096, true));
     let r = MultifdReceiver::start(chans, method, new_ram(), book, None).unwrap();
     (c, r)
@@ -439,8 +460,13 @@ fn a_cancelled_sender_stops_promptly() {
     let listener = Listener::bind(&uri).unwrap();
     // A destination that accepts and reads nothing.
     let hold = std::thread::spawn(move || {
-        let chans =
-            accept_channels(&listener, &header(2, Method::None), Duration::from_secs(5)).unwrap();
+        let chans = accept_channels(
+            &listener,
+            &header(2, Method::None),
+            Duration::from_secs(5),
+            &crate::transport::tls::Security::Plain,
+        )
+        .unwrap();
         std::thread::sleep(Duration::from_secs(1));
         drop(chans);
     });
@@ -454,7 +480,15 @@ fn a_cancelled_sender_stops_promptly() {
         zero_copy: false,
         uuid: UUID,
     };
-    let mut s = MultifdSender::open(&uri, &cfg, src, e.clone(), Duration::from_secs(5)).unwrap();
+    let mut s = MultifdSender::open(
+        &uri,
+        &cfg,
+        src,
+        e.clone(),
+        Duration::from_secs(5),
+        &crate::transport::tls::Security::Plain,
+    )
+    .unwrap();
     let bitmap = AtomicBitmap::new(RAM_SIZE / 4096);
     bitmap.set_all();
     let e2 = e.clone();
@@ -490,19 +524,33 @@ fn file_uris_and_zero_copy_without_tcp_are_refused() {
         path: std::env::temp_dir().join("ferry-mfd-file"),
         offset: 0,
     };
-    let err = MultifdSender::open(&file, &cfg, new_ram(), e.clone(), Duration::from_secs(1))
-        .err()
-        .unwrap()
-        .to_string();
+    let err = MultifdSender::open(
+        &file,
+        &cfg,
+        new_ram(),
+        e.clone(),
+        Duration::from_secs(1),
+        &crate::transport::tls::Security::Plain,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(err.contains("not supported for file:"), "{err}");
     let zc = SendConfig {
         zero_copy: true,
         ..cfg
     };
-    let err = MultifdSender::open(&socket_uri("zc"), &zc, new_ram(), e, Duration::from_secs(1))
-        .err()
-        .unwrap()
-        .to_string();
+    let err = MultifdSender::open(
+        &socket_uri("zc"),
+        &zc,
+        new_ram(),
+        e,
+        Duration::from_secs(1),
+        &crate::transport::tls::Security::Plain,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(err.contains("zero-copy-send needs a tcp:"), "{err}");
 }
 
@@ -524,8 +572,13 @@ fn zero_copy_over_tcp_delivers_the_same_memory() {
     let book = Arc::new(PageBook::new(pages, true));
     let (d, b) = (dst.clone(), book.clone());
     let receiver = std::thread::spawn(move || {
-        let chans =
-            accept_channels(&listener, &header(2, Method::None), Duration::from_secs(10)).unwrap();
+        let chans = accept_channels(
+            &listener,
+            &header(2, Method::None),
+            Duration::from_secs(10),
+            &crate::transport::tls::Security::Plain,
+        )
+        .unwrap();
         let mut r = MultifdReceiver::start(chans, Method::None, d, b, None).unwrap();
         r.sync(1).unwrap();
         r.finish().unwrap();
@@ -538,8 +591,14 @@ fn zero_copy_over_tcp_delivers_the_same_memory() {
         zero_copy: true,
         uuid: UUID,
     };
-    let Ok(mut s) = MultifdSender::open(&uri, &cfg, src.clone(), e.clone(), Duration::from_secs(5))
-    else {
+    let Ok(mut s) = MultifdSender::open(
+        &uri,
+        &cfg,
+        src.clone(),
+        e.clone(),
+        Duration::from_secs(5),
+        &crate::transport::tls::Security::Plain,
+    ) else {
         eprintln!("SO_ZEROCOPY unavailable: skipped");
         return;
     };
@@ -566,7 +625,13 @@ fn channels_share_the_rate_limit() {
     let (d, b) = (dst.clone(), book.clone());
     let receiver = std::thread::spawn(move || {
         let h = header(3, Method::None);
-        let chans = accept_channels(&listener, &h, Duration::from_secs(10)).unwrap();
+        let chans = accept_channels(
+            &listener,
+            &h,
+            Duration::from_secs(10),
+            &crate::transport::tls::Security::Plain,
+        )
+        .unwrap();
         let mut r = MultifdReceiver::start(chans, Method::None, d, b, None).unwrap();
         r.sync(1).unwrap();
         r.finish().unwrap();
@@ -585,7 +650,15 @@ fn channels_share_the_rate_limit() {
         uuid: UUID,
     };
     let t = Instant::now();
-    let mut s = MultifdSender::open(&uri, &cfg, src, e.clone(), Duration::from_secs(5)).unwrap();
+    let mut s = MultifdSender::open(
+        &uri,
+        &cfg,
+        src,
+        e.clone(),
+        Duration::from_secs(5),
+        &crate::transport::tls::Security::Plain,
+    )
+    .unwrap();
     let bitmap = AtomicBitmap::new(pages);
     bitmap.set_all();
     s.send_bitmap(&bitmap, None, Phase::Precopy, 1, || Ok(()))

@@ -304,6 +304,8 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
     let caps = *shared.caps();
     let ram = shared.vm.ram();
     let multifd = multifd_config(shared, uri)?;
+    let security = transport::tls::Security::source(&shared.options.params(), uri)
+        .map_err(transport::TransportError::from)?;
     let ch = transport::connect_cancellable(uri, CONNECT_TIMEOUT, &shared.cancel).map_err(|e| {
         if shared.cancelled() {
             MigrationError::Cancelled
@@ -311,6 +313,9 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
             e.into()
         }
     })?;
+    let ch = security
+        .secure(ch)
+        .map_err(transport::TransportError::from)?;
     if shared.cancelled() {
         return Err(MigrationError::Cancelled);
     }
@@ -372,7 +377,7 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
     let mut channels = match &multifd {
         Some(cfg) => {
             let env: Arc<dyn SendEnv> = shared.clone();
-            let m = MultifdSender::open(uri, cfg, ram.clone(), env, CONNECT_TIMEOUT)
+            let m = MultifdSender::open(uri, cfg, ram.clone(), env, CONNECT_TIMEOUT, &security)
                 .map_err(|e| replies.explain(e))?;
             shared.set_multifd_stats(m.stats());
             Some(m)
@@ -430,7 +435,15 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
                 Some(tracker.as_ref()),
                 Phase::Precopy,
                 pass,
-                || live_tick(shared, &mut estimator, &mut replies, cur_pending, pages_before),
+                || {
+                    live_tick(
+                        shared,
+                        &mut estimator,
+                        &mut replies,
+                        cur_pending,
+                        pages_before,
+                    )
+                },
             )
             .and_then(|_| mfd.sync(pass, Phase::Precopy, || replies.poll()))
             .map_err(|e| replies.explain(e))?;
@@ -462,7 +475,13 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
                 }
                 sender
                     .send_bitmap(&bitmap, |_| {
-                        live_tick(shared, &mut estimator, &mut replies, cur_pending, pages_before)
+                        live_tick(
+                            shared,
+                            &mut estimator,
+                            &mut replies,
+                            cur_pending,
+                            pages_before,
+                        )
                     })
                     .map_err(|e| replies.explain(e))?;
                 xbzrle_pages = sender.xbzrle_pages;

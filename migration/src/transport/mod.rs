@@ -59,6 +59,9 @@ pub enum TransportError {
     /// Accepting a connection failed.
     #[error("failed to accept a migration connection: {0}")]
     Accept(#[source] io::Error),
+    /// TLS could not be set up or its handshake failed.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// Default of [`io_timeout`]: a write that makes no progress for this long fails the

@@ -511,11 +511,10 @@ impl Read for TlsStream {
             }
             match conn.read_tls(&mut &self.0.sock) {
                 Ok(0) => {
-                    // The peer closed the socket without close_notify.
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the peer closed the TLS connection",
-                    ));
+                    // End of the socket (the peer closed it, or we shut our reading side
+                    // down): end of stream, as with a plain socket. Ferry's framing and
+                    // checksums detect a stream cut short.
+                    return Ok(0);
                 }
                 Ok(_) => {
                     conn.process_new_packets()
@@ -722,5 +721,109 @@ mod tests {
             lookup_creds("no-such").unwrap_err().to_string(),
             "No TLS credentials with id 'no-such'"
         );
+    }
+}
+
+/// How one migration secures its connections, from `tls-creds`, `tls-hostname` and
+/// `tls-authz` (QEMU's parameters).
+#[derive(Clone, Default)]
+pub enum Security {
+    /// No TLS (`tls-creds` empty).
+    #[default]
+    Plain,
+    /// The outgoing side.
+    Client {
+        /// Credentials (client endpoint).
+        creds: Arc<TlsCreds>,
+        /// Name the server's certificate must carry.
+        hostname: String,
+    },
+    /// The incoming side.
+    Server {
+        /// Credentials (server endpoint).
+        creds: Arc<TlsCreds>,
+        /// Who may connect (`tls-authz`), if restricted.
+        authz: Option<Arc<Authz>>,
+    },
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Security::Plain => f.write_str("Plain"),
+            Security::Client { creds, hostname } => write!(f, "Client({}, {hostname})", creds.id),
+            Security::Server { creds, authz } => write!(
+                f,
+                "Server({}, authz {:?})",
+                creds.id,
+                authz.as_ref().map(|a| a.id.as_str())
+            ),
+        }
+    }
+}
+
+impl Security {
+    /// The outgoing side's security for a migration to `uri`.
+    pub fn source(
+        params: &crate::options::Parameters,
+        uri: &super::MigrationUri,
+    ) -> Result<Security, TlsError> {
+        if params.tls_creds.is_empty() {
+            return Ok(Security::Plain);
+        }
+        let creds = lookup_creds(&params.tls_creds)?;
+        if creds.endpoint != Endpoint::Client {
+            return Err(TlsError::WrongEndpoint { expected: "client" });
+        }
+        let hostname = if !params.tls_hostname.is_empty() {
+            params.tls_hostname.clone()
+        } else {
+            match uri {
+                super::MigrationUri::Tcp { host, .. } => host.clone(),
+                super::MigrationUri::Unix(_) => {
+                    return Err(TlsError::Handshake(
+                        "No hostname available for TLS: set tls-hostname for a unix: migration"
+                            .into(),
+                    ))
+                }
+                super::MigrationUri::File { .. } => {
+                    return Err(TlsError::Handshake(
+                        "TLS is not available for file: migrations".into(),
+                    ))
+                }
+            }
+        };
+        Ok(Security::Client { creds, hostname })
+    }
+
+    /// The incoming side's security.
+    pub fn destination(params: &crate::options::Parameters) -> Result<Security, TlsError> {
+        if params.tls_creds.is_empty() {
+            return Ok(Security::Plain);
+        }
+        let creds = lookup_creds(&params.tls_creds)?;
+        if creds.endpoint != Endpoint::Server {
+            return Err(TlsError::WrongEndpoint { expected: "server" });
+        }
+        let authz = if params.tls_authz.is_empty() {
+            None
+        } else {
+            Some(lookup_authz(&params.tls_authz)?)
+        };
+        Ok(Security::Server { creds, authz })
+    }
+
+    /// Whether TLS is in use.
+    pub fn is_tls(&self) -> bool {
+        !matches!(self, Security::Plain)
+    }
+
+    /// Secures a freshly connected or accepted channel (a no-op without TLS).
+    pub fn secure(&self, ch: super::Channel) -> Result<super::Channel, TlsError> {
+        match self {
+            Security::Plain => Ok(ch),
+            Security::Client { creds, hostname } => ch.into_tls_client(creds, hostname),
+            Security::Server { creds, authz } => ch.into_tls_server(creds, authz.as_deref()),
+        }
     }
 }

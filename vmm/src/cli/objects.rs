@@ -6,9 +6,30 @@ use std::path::PathBuf;
 
 use migration::transport::tls::{self, Authz, AuthzRule, Endpoint, TlsCreds};
 
+/// Splits QEMU option text at single commas; `,,` stands for a literal comma.
+fn split_options(text: &str) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                if let Some(p) = parts.last_mut() {
+                    p.push(',');
+                }
+            } else {
+                parts.push(String::new());
+            }
+        } else if let Some(p) = parts.last_mut() {
+            p.push(c);
+        }
+    }
+    parts
+}
+
 fn options(text: &str) -> Result<(String, BTreeMap<String, String>), String> {
-    let mut parts = text.split(',');
-    let kind = parts.next().unwrap_or_default().to_string();
+    let mut parts = split_options(text).into_iter();
+    let kind = parts.next().unwrap_or_default();
     let mut map = BTreeMap::new();
     for p in parts {
         let (k, v) = p
@@ -127,6 +148,14 @@ pub fn add_object(text: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn double_commas_are_literal_commas() {
+        assert_eq!(
+            split_options("authz-simple,id=a,identity=CN=x,,O=Example Org"),
+            ["authz-simple", "id=a", "identity=CN=x,O=Example Org"]
+        );
+    }
 
     #[test]
     fn authz_objects_register() {
