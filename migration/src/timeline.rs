@@ -179,10 +179,11 @@ pub struct Timeline {
     pub decimated_samples: u64,
     /// Pass events thinned out to bound memory.
     pub decimated_events: u64,
-    /// When the guest was stopped for the switchover (the `device` state), ms.
+    /// When the guest was stopped for the switchover, ms: once completed, the downtime's
+    /// start; before, when pre-switchover or device was entered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switchover_ms: Option<f64>,
-    /// The guest's downtime: from the switchover for query-migrate's `downtime`.
+    /// The guest's downtime: query-migrate's `downtime`, ending at completion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_interval: Option<Interval>,
     /// Final `setup-time`, ms.
@@ -345,10 +346,16 @@ impl Recorder {
         let page_size = st.ram.page_size.max(1);
         let count = st.ram.dirty_sync_count;
         let finished = is_final(st.status);
-        let pass = if kind == SampleKind::Sync || finished {
-            count
-        } else {
+        // While pages are sent the pass in progress is the one after the last sync; a sync
+        // sample, and anything after the guest stopped, belongs to the last sync's pass.
+        let sending = matches!(
+            st.status,
+            MigrationStatus::Setup | MigrationStatus::Active | MigrationStatus::Cancelling
+        );
+        let pass = if kind != SampleKind::Sync && sending {
             count + 1
+        } else {
+            count.max(1)
         };
         let send_rate = match inner.timeline.samples.last() {
             Some(prev) if t_ms - prev.t_ms >= 1.0 => {
@@ -405,7 +412,13 @@ impl Recorder {
         if kind == SampleKind::Sync {
             tl.passes += 1;
         }
-        if st.status == MigrationStatus::Device && tl.switchover_ms.is_none() {
+        // The guest stops for the switchover just before pre-switchover or device; the
+        // final state fixes it exactly from query-migrate's downtime (below).
+        if matches!(
+            st.status,
+            MigrationStatus::PreSwitchover | MigrationStatus::Device
+        ) && tl.switchover_ms.is_none()
+        {
             tl.switchover_ms = Some(t_ms);
         }
         for what in events {
@@ -417,13 +430,15 @@ impl Recorder {
             tl.total_time = Some(st.total_time_ms);
             tl.error_desc = st.error_desc.clone();
             if st.status == MigrationStatus::Completed {
+                // Downtime ends as the migration completes: the guest stopped `downtime`
+                // before.
                 tl.downtime = Some(st.downtime_ms);
-                if let Some(start_ms) = tl.switchover_ms {
-                    tl.downtime_interval = Some(Interval {
-                        start_ms,
-                        end_ms: (start_ms + st.downtime_ms as f64).min(t_ms).max(start_ms),
-                    });
-                }
+                let start_ms = (t_ms - st.downtime_ms as f64).max(0.0);
+                tl.switchover_ms = Some(start_ms);
+                tl.downtime_interval = Some(Interval {
+                    start_ms,
+                    end_ms: t_ms,
+                });
             }
             inner.closed = true;
         }
@@ -602,7 +617,7 @@ mod tests {
         r.record(SampleKind::Status, None, || {
             state(MigrationStatus::Active, 10, 0, 0)
         });
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(Duration::from_millis(15));
         r.record(SampleKind::Status, None, || {
             state(MigrationStatus::Device, 20, 3, 0)
         });
@@ -625,7 +640,8 @@ mod tests {
         let sw = t.switchover_ms.unwrap();
         let d = t.downtime_interval.unwrap();
         assert_eq!(d.start_ms, sw);
-        assert!(d.end_ms >= d.start_ms && d.end_ms <= last.t_ms);
+        assert_eq!(d.end_ms, last.t_ms, "downtime ends at completion");
+        assert!((d.end_ms - d.start_ms - 12.0).abs() < 1e-9, "{d:?}");
     }
 
     #[test]

@@ -191,6 +191,13 @@ pub fn command_table(vmm: &Arc<Vmm>) -> CommandTable {
     });
 
     let v = vmm.clone();
+    t.register_no_args("ferry-query-migrate-timeline", move || {
+        // The current or last outgoing migration's timeline; an empty one before any.
+        let timeline = outgoing(&v).map(|o| o.timeline()).unwrap_or_default();
+        serde_json::to_value(timeline).map_err(generic)
+    });
+
+    let v = vmm.clone();
     t.register("ferry-guest-verify", move |args| {
         let mut a = Args::new(&args);
         let timeout = a.opt_u64("timeout-ms").map_err(qapi)?.unwrap_or(30_000);

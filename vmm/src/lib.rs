@@ -10,6 +10,7 @@ pub mod hostpair;
 pub mod kvm;
 pub mod machine;
 pub mod qmp;
+pub mod report;
 pub mod snapshot;
 pub mod vcpu_thread;
 pub mod vm_adapter;

@@ -56,6 +56,9 @@ pub struct DemoArgs {
     /// Keep the scratch directory (logs, serial consoles) for inspection.
     #[arg(long)]
     pub keep: bool,
+    /// Write the migration's timeline: a chart (FILE.svg) or the raw samples (FILE.json).
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
 }
 
 /// Why the demo stopped before it could verify the guest.
@@ -310,11 +313,14 @@ struct Report {
     bad_pages: Option<u64>,
     wall: Duration,
     error: Option<String>,
+    /// The `--report` file and whether writing it failed.
+    chart: Option<(PathBuf, Option<String>)>,
 }
 
 impl Report {
     fn passed(&self) -> bool {
         self.error.is_none()
+            && self.chart.as_ref().is_none_or(|(_, e)| e.is_none())
             && self.outcome.as_ref().is_some_and(|o| o.completed())
             && self.bad_pages == Some(0)
             && self.pages_checked > 0
@@ -375,6 +381,15 @@ impl Report {
             None => {
                 let _ = writeln!(t, "  bad pages         not checked");
             }
+        }
+        match &self.chart {
+            Some((path, None)) => {
+                let _ = writeln!(t, "  report            {}", path.display());
+            }
+            Some((path, Some(e))) => {
+                let _ = writeln!(t, "  report            {} not written: {e}", path.display());
+            }
+            None => {}
         }
         let _ = writeln!(t, "  demo wall time    {:.1} s", self.wall.as_secs_f64());
         if let Some(e) = &self.error {
@@ -521,6 +536,11 @@ fn demo(a: &DemoArgs, interrupt: &AtomicBool, report: &mut Report) -> Result<(),
     let completed = outcome.completed();
     let error = outcome.last.error.clone();
     report.outcome = Some(outcome);
+    if let Some(path) = &a.report {
+        // Also for a migration that did not complete: its timeline shows why.
+        let written = migrate::write_report(src.client()?, path).map_err(|e| e.to_string());
+        report.chart = Some((path.clone(), written.err()));
+    }
     if interrupt.load(Ordering::Acquire) {
         return Err(DemoError::Interrupted);
     }
@@ -551,6 +571,12 @@ fn demo(a: &DemoArgs, interrupt: &AtomicBool, report: &mut Report) -> Result<(),
 
 /// Runs `ferry demo`; exit 0 only when the guest verified every page on the destination.
 pub fn run(a: DemoArgs) -> i32 {
+    if let Some(path) = &a.report {
+        if let Err(e) = crate::report::Format::of(path) {
+            eprintln!("ferry demo: --report: {e}");
+            return 2;
+        }
+    }
     let interrupt = migrate::interrupt_flag();
     let mut removed = remove_stale();
     removed.extend(remove_stale_scratch());

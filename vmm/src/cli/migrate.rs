@@ -9,13 +9,14 @@
 //! cancels the migration (`migrate_cancel`) and waits for the source to
 //! confirm.
 //!
-//! Every poll is kept as a [`Sample`], so reports (issue 14's `--report
-//! FILE.svg`) can be built from [`Outcome::samples`] without touching the
-//! polling loop. `ferry demo` drives its migration through the same
-//! [`start`] and [`watch`].
+//! Every poll is kept as a [`Sample`]. `--report FILE.svg` (or `.json`)
+//! writes the source's own timeline afterwards (`ferry-query-migrate-timeline`,
+//! sampled at every dirty sync and every 80 ms, see `migration::timeline`),
+//! as a chart drawn by [`crate::report`]. `ferry demo` drives its migration
+//! through the same [`start`] and [`watch`].
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -49,6 +50,10 @@ pub struct MigrateArgs {
     /// No progress display, only the summary.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Afterwards, write the migration's timeline: a chart (FILE.svg) or the raw samples
+    /// (FILE.json), from `ferry-query-migrate-timeline`.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
 }
 
 /// Why `ferry migrate` could not do its job.
@@ -75,6 +80,9 @@ pub enum MigrateError {
     /// The migration did not end in time (it was cancelled).
     #[error("the migration did not finish within {0:?}")]
     Timeout(Duration),
+    /// The report could not be written.
+    #[error("the report: {0}")]
+    Report(#[from] crate::report::ReportError),
 }
 
 /// The figures of one `query-migrate` reply that the progress display and summary use.
@@ -421,6 +429,15 @@ pub fn set_parameters(client: &mut QmpClient, items: &[String]) -> Result<(), Mi
     execute(client, "migrate-set-parameters", Value::Object(params)).map(|_| ())
 }
 
+/// Fetches the source's timeline of its current or last migration and writes it to `path`
+/// (a chart for `.svg`, the raw timeline for `.json`).
+pub fn write_report(client: &mut QmpClient, path: &Path) -> Result<(), MigrateError> {
+    let v = execute(client, "ferry-query-migrate-timeline", json!({}))?;
+    let timeline = crate::report::timeline_from_json(v)?;
+    crate::report::write_timeline(path, &timeline)?;
+    Ok(())
+}
+
 fn execute(client: &mut QmpClient, command: &str, args: Value) -> Result<Value, MigrateError> {
     client
         .execute(command, Some(args))
@@ -528,6 +545,13 @@ pub fn interrupt_flag() -> &'static AtomicBool {
 
 /// Runs `ferry migrate`; returns the exit code (0 only when the migration completed).
 pub fn run(a: MigrateArgs) -> i32 {
+    if let Some(path) = &a.report {
+        // A wrong extension is a usage error: say so before migrating.
+        if let Err(e) = crate::report::Format::of(path) {
+            eprintln!("ferry migrate: --report: {e}");
+            return 2;
+        }
+    }
     let interrupt = interrupt_flag();
     let mut client = match QmpClient::connect(&a.qmp) {
         Ok(c) => c,
@@ -553,7 +577,20 @@ pub fn run(a: MigrateArgs) -> i32 {
     match watch(&mut client, opts, view, interrupt) {
         Ok(outcome) => {
             print!("{}", summary(&outcome));
-            if outcome.completed() {
+            let report_ok = match &a.report {
+                Some(path) => match write_report(&mut client, path) {
+                    Ok(()) => {
+                        println!("  report            {}", path.display());
+                        true
+                    }
+                    Err(e) => {
+                        eprintln!("ferry migrate: {e}");
+                        false
+                    }
+                },
+                None => true,
+            };
+            if outcome.completed() && report_ok {
                 0
             } else {
                 1
