@@ -121,7 +121,8 @@ impl SourceVm for BenchVm {
         Arc::new(NoTracker)
     }
     fn is_running(&self) -> bool {
-        false
+        // As a running guest: the snapshot protects memory and serves faults.
+        true
     }
     fn stop_vcpus(&self) -> Result<(), String> {
         Ok(())

@@ -61,6 +61,7 @@ fn snapshot_and_restore(tag: &str, memory: &str, vcpus: usize) {
     }
     let report = src.cmd("ferry-query-snapshot", json!({}));
     assert_eq!(report["status"], "completed", "{report}");
+    assert_eq!(report["guest-running"], true, "{report}");
     assert!(report["faults"].as_u64().unwrap_or(0) > 0, "{report}");
     assert!(
         report["pages-from-faults"].as_u64().unwrap_or(0) > 0,
@@ -166,6 +167,12 @@ fn snapshot_of_a_paused_guest_restores_paused() {
     assert_eq!(src.status(), "paused", "a paused guest stays paused");
     let report = src.cmd("ferry-query-snapshot", json!({}));
     assert_eq!(report["start-digest"], digest, "{report}");
+    assert_eq!(report["guest-running"], false, "{report}");
+    assert_eq!(
+        report["faults"], 0,
+        "nothing is protected for a paused guest: {report}"
+    );
+    assert!(report["unpopulated"].is_null(), "{report}");
     // Without -S, a guest saved while paused comes back paused (as after a migration).
     let mut dst = Ferry::start(
         "snap-paused-dst",

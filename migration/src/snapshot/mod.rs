@@ -27,6 +27,10 @@
 //! END), so `ferry run --incoming file:PATH` (or `--restore PATH`) resumes the guest at the
 //! start instant. How the two savers never lose or double a page: [`claims`].
 //!
+//! A guest that is paused when the snapshot starts stays paused until it ends (`cont` is
+//! refused meanwhile), so its memory is saved without any write protection, as
+//! Firecracker saves a paused VM; the snapshot fails if the guest runs again anyway.
+//!
 //! A failure (disk full, the file removed, a userfaultfd error) or `migrate_cancel` stops
 //! the writer, lifts every protection, unregisters RAM and removes the partial file; the
 //! guest keeps running throughout. The snapshot also records the *page digest* of the
@@ -143,7 +147,9 @@ pub struct SnapshotReport {
     pub setup_ms: f64,
     /// Milliseconds from `migrate` to the end (so far, while running).
     pub duration_ms: f64,
-    /// How unpopulated pages were protected.
+    /// Whether the guest ran during the snapshot (a paused guest is saved unprotected).
+    pub guest_running: bool,
+    /// How unpopulated pages were protected (None when nothing was protected).
     pub unpopulated: Option<UnpopulatedStrategy>,
     /// Pages of guest RAM.
     pub pages_total: u64,
@@ -206,6 +212,7 @@ struct Details {
     hole_pages: u64,
     start_digest: Option<u64>,
     stall_digest: Option<u64>,
+    guest_running: bool,
 }
 
 impl Shared {
@@ -430,6 +437,7 @@ impl BackgroundSnapshot {
             stall_ms: s.stall_ms,
             setup_ms: s.setup_time_ms as f64,
             duration_ms: total_ms,
+            guest_running: d.guest_running,
             unpopulated: d.unpopulated,
             pages_total: self.shared.vm.ram().page_count(),
             pages_done: p.pages_done.load(Ordering::Relaxed),

@@ -183,9 +183,14 @@ fn snapshot(
         HEADER_LEN as u64,
     );
 
+    // A paused guest stays paused until the snapshot ends (`cont` is refused meanwhile):
+    // its memory needs no write protection, and is saved like Firecracker saves it.
+    let watch = shared.vm.is_running();
     // Registering protects nothing yet: do it before stopping the guest.
-    let protector = Arc::new(WriteProtector::new(&ram)?);
-    let strategy = protector.strategy();
+    let protector = match watch {
+        true => Some(Arc::new(WriteProtector::new(&ram)?)),
+        false => None,
+    };
     if shared.cancelled() {
         return Err(SnapshotError::Cancelled);
     }
@@ -193,15 +198,25 @@ fn snapshot(
     // --- The stall: the guest is stopped from here ...
     let stall_start = Instant::now();
     let was_running = shared.vm.is_running();
+    if was_running != watch {
+        return Err(SnapshotError::Vm(
+            "the guest was started or stopped while the snapshot was set up".into(),
+        ));
+    }
     if was_running {
         shared.vm.stop_vcpus().map_err(SnapshotError::Vm)?;
         *stopped_vcpus = true;
     }
     let state = shared.vm.save_state().map_err(SnapshotError::Vm)?;
     let before = ram.data_ranges();
-    protector.populate_if_needed();
-    protector.protect_all()?;
-    let data = data_ranges_after_protect(&ram, &before, strategy)?;
+    let data = match &protector {
+        Some(p) => {
+            p.populate_if_needed();
+            p.protect_all()?;
+            data_ranges_after_protect(&ram, &before, p.strategy())?
+        }
+        None => data_ranges_after_protect(&ram, &before, UnpopulatedStrategy::TouchPages)?,
+    };
     let pages = ram.page_count();
     let claims = Arc::new(PageClaims::new(pages));
     let mut holes = 0;
@@ -218,14 +233,24 @@ fn snapshot(
         .then(|| page_digest_of_ranges(&ram, &data));
     let stats = Arc::new(FaultStats::default());
     let (tx, rx) = crossbeam_channel::bounded(FAULT_QUEUE_PAGES);
-    let handler = FaultHandler::spawn(FaultContext {
-        protector: protector.clone(),
-        ram: ram.clone(),
-        claims: claims.clone(),
-        copies: tx,
-        stats: stats.clone(),
-    })
-    .map_err(SnapshotError::Thread)?;
+    let mut _idle_sender = None;
+    let handler = match &protector {
+        Some(p) => Some(
+            FaultHandler::spawn(FaultContext {
+                protector: p.clone(),
+                ram: ram.clone(),
+                claims: claims.clone(),
+                copies: tx,
+                stats: stats.clone(),
+            })
+            .map_err(SnapshotError::Thread)?,
+        ),
+        // Nobody copies pages for the writer: keep the channel open until the end.
+        None => {
+            _idle_sender = Some(tx);
+            None
+        }
+    };
     if was_running {
         shared.vm.resume_vcpus().map_err(SnapshotError::Vm)?;
         *stopped_vcpus = false;
@@ -239,7 +264,8 @@ fn snapshot(
     }
     {
         let mut d = shared.details();
-        d.unpopulated = Some(strategy);
+        d.unpopulated = protector.as_ref().map(|p| p.strategy());
+        d.guest_running = watch;
         d.hole_pages = holes;
         d.stall_digest = stall_digest;
     }
@@ -257,6 +283,11 @@ fn snapshot(
         if shared.cancelled() {
             return Err(SnapshotError::Cancelled);
         }
+        if !watch && shared.vm.is_running() {
+            return Err(SnapshotError::Vm(
+                "the guest was resumed during the snapshot of its paused state".into(),
+            ));
+        }
         if last_file_check.elapsed() > Duration::from_millis(500) {
             last_file_check = Instant::now();
             check_file(path, id)?;
@@ -268,7 +299,7 @@ fn snapshot(
             &ram,
             &mut out,
             &claims,
-            &protector,
+            protector.as_deref(),
             &rx,
             &mut digest,
             &shared.counters,
@@ -294,9 +325,12 @@ fn snapshot(
     }
 
     // Every page is in the file: the guest no longer needs to be watched.
-    handler.stop();
+    if let Some(h) = handler {
+        h.stop();
+    }
     drop(rx);
     drop(protector); // lifts what is left and unregisters RAM
+    check()?;
     if let Some(e) = stats.error() {
         return Err(SnapshotError::Fault(e));
     }

@@ -519,3 +519,61 @@ fn verify_digest_catches_writes_that_bypass_the_protection() {
     assert_eq!(protected_pages(&vm.ram).unwrap(), 0);
     vm.shutdown();
 }
+
+#[test]
+fn a_paused_guest_is_saved_unprotected_and_must_stay_paused() {
+    let vm = TestVm::new(Backend::SharedMemfd, 32 << 20, 4096);
+    while vm.written() < 4096 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    vm.stop_vcpus().unwrap();
+    let digest = page_digest(&vm.ram);
+    let path = scratch("paused");
+    let snap = BackgroundSnapshot::start(
+        MigrationUri::File {
+            path: path.clone(),
+            offset: 0,
+        },
+        vm.clone(),
+        options(0),
+        Arc::new(NoMigrationEvents),
+    )
+    .unwrap();
+    assert_eq!(
+        wait_end(&snap),
+        MigrationStatus::Completed,
+        "{:?}",
+        snap.error()
+    );
+    let report = snap.report();
+    assert!(
+        !report.guest_running && report.unpopulated.is_none(),
+        "{report:?}"
+    );
+    assert_eq!(snap.start_digest(), Some(digest));
+    assert_eq!(report.faults, 0);
+
+    // Resumed in the middle: the file could not hold one instant any more.
+    let snap = BackgroundSnapshot::start(
+        MigrationUri::File {
+            path: path.clone(),
+            offset: 0,
+        },
+        vm.clone(),
+        options(4 << 20),
+        Arc::new(NoMigrationEvents),
+    )
+    .unwrap();
+    while snap.status() != MigrationStatus::Active {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    vm.resume_vcpus().unwrap();
+    assert_eq!(wait_end(&snap), MigrationStatus::Failed);
+    assert!(
+        snap.error().unwrap().contains("resumed"),
+        "{:?}",
+        snap.error()
+    );
+    assert!(!path.exists());
+    vm.shutdown();
+}

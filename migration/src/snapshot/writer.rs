@@ -117,8 +117,9 @@ pub struct SnapshotWriter<'a, W: Write> {
     pub out: &'a mut FrameWriter<W>,
     /// Which pages are saved.
     pub claims: &'a PageClaims,
-    /// The protection to lift once pages are saved.
-    pub protector: &'a WriteProtector,
+    /// The protection to lift once pages are saved (None: the guest is paused, nothing is
+    /// protected).
+    pub protector: Option<&'a WriteProtector>,
     /// Copies from the fault handler.
     pub faults: &'a Receiver<FaultCopy>,
     /// Page hashes of the start instant.
@@ -142,7 +143,7 @@ impl<'a, W: Write> SnapshotWriter<'a, W> {
         ram: &'a GuestRam,
         out: &'a mut FrameWriter<W>,
         claims: &'a PageClaims,
-        protector: &'a WriteProtector,
+        protector: Option<&'a WriteProtector>,
         faults: &'a Receiver<FaultCopy>,
         digest: &'a mut PageDigest,
         counters: &'a MigrationCounters,
@@ -225,7 +226,9 @@ impl<'a, W: Write> SnapshotWriter<'a, W> {
         if count == 0 {
             return Ok(());
         }
-        self.protector.unprotect(first, count)?;
+        if let Some(p) = self.protector {
+            p.unprotect(first, count)?;
+        }
         let mut frame = FrameBuilder::new();
         frame.zeros(first, count);
         self.emit(frame)
@@ -261,7 +264,9 @@ impl<'a, W: Write> SnapshotWriter<'a, W> {
         // 2. Keep the copies whose claim wins (the others belong to the fault handler).
         copied.retain(|&(page, _)| self.claims.claim(page));
         // 3. Every page of the batch is claimed now: the guest may write them again.
-        self.protector.unprotect(start, end - start)?;
+        if let Some(p) = self.protector {
+            p.unprotect(start, end - start)?;
+        }
         self.progress
             .pages_copied
             .fetch_add(copied.len() as u64, Ordering::Relaxed);

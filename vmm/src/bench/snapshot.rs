@@ -8,7 +8,11 @@
 //!    to save state and protect RAM), and the write-fault service latency p50/p99
 //!    (goal: p99 under 1 ms), as the snapshot measured them;
 //! 3. the same save with the guest stopped for all of it, as Firecracker takes snapshots
-//!    (`stop`, snapshot, `cont`): the stall is the whole save.
+//!    (`stop`, snapshot, `cont`): the stall is the whole save;
+//! 4. for both ways, the guest progress lost, in ms of full-speed guest time: a background
+//!    snapshot stalls the guest only briefly but slows it while it runs (write faults, and
+//!    KVM re-mapping every page whose protection changed), so its loss is the snapshot's
+//!    duration times the slowdown; stopping loses the whole stall.
 //!
 //! Figures are medians over `--runs`; every command is printed.
 //!
@@ -123,6 +127,9 @@ pub struct RunFigures {
     pub fault_max_us: f64,
     /// Stop, save everything, cont: the guest's stall, ms.
     pub stop_the_world_stall_ms: f64,
+    /// Guest progress lost to the background snapshot, in ms of full-speed guest time:
+    /// its duration times (1 - the rate ratio).
+    pub guest_lost_ms: f64,
 }
 
 /// The report.
@@ -175,7 +182,13 @@ fn snapshot(vmm: &mut BenchVmm, file: &Path) -> Result<(Value, Value), BenchErro
     Ok((info, report))
 }
 
+/// How long the guest needs to write at full speed again after its memory's protection
+/// changed: lifting a protection invalidates KVM's mappings of that memory, and on a nested
+/// host rebuilding them takes about a second per GiB (measured on this kind of host).
+const SETTLE: Duration = Duration::from_secs(3);
+
 fn one_run(vmm: &mut BenchVmm, file: &Path) -> Result<RunFigures, BenchError> {
+    std::thread::sleep(SETTLE);
     let idle = guest_rate(vmm, Duration::from_secs(1))?;
 
     let p0 = pages_written(vmm)?;
@@ -185,6 +198,7 @@ fn one_run(vmm: &mut BenchVmm, file: &Path) -> Result<RunFigures, BenchError> {
     let p1 = pages_written(vmm)?;
     let _ = std::fs::remove_file(file);
     let during = (p1 - p0) as f64 / elapsed.as_secs_f64();
+    let ratio = if idle > 0.0 { during / idle } else { 0.0 };
     let total_ms = num(&info["total-time"]);
     let setup_ms = num(&info["setup-time"]);
     let bytes = info["ram"]["transferred"].as_u64().unwrap_or(0);
@@ -192,6 +206,7 @@ fn one_run(vmm: &mut BenchVmm, file: &Path) -> Result<RunFigures, BenchError> {
     let lat = &report["fault-latency"];
 
     // Firecracker's way: the guest is stopped for the whole save.
+    std::thread::sleep(SETTLE);
     let s0 = Instant::now();
     vmm.cmd("stop", json!({}))?;
     snapshot(vmm, file)?;
@@ -202,7 +217,7 @@ fn one_run(vmm: &mut BenchVmm, file: &Path) -> Result<RunFigures, BenchError> {
     Ok(RunFigures {
         guest_rate_idle: idle,
         guest_rate_during: during,
-        guest_rate_ratio: if idle > 0.0 { during / idle } else { 0.0 },
+        guest_rate_ratio: ratio,
         snapshot_ms: elapsed.as_secs_f64() * 1e3,
         write_mb_s: bytes as f64 / 1e6 / streaming_s,
         bytes,
@@ -212,6 +227,7 @@ fn one_run(vmm: &mut BenchVmm, file: &Path) -> Result<RunFigures, BenchError> {
         fault_p99_us: num(&lat["p99-us"]),
         fault_max_us: num(&lat["max-us"]),
         stop_the_world_stall_ms: stw.as_secs_f64() * 1e3,
+        guest_lost_ms: elapsed.as_secs_f64() * 1e3 * (1.0 - ratio).max(0.0),
     })
 }
 
@@ -241,6 +257,7 @@ fn medians(runs: &[RunFigures]) -> Option<RunFigures> {
         fault_p99_us: m(|r| r.fault_p99_us),
         fault_max_us: m(|r| r.fault_max_us),
         stop_the_world_stall_ms: m(|r| r.stop_the_world_stall_ms),
+        guest_lost_ms: m(|r| r.guest_lost_ms),
     })
 }
 
@@ -386,7 +403,8 @@ pub fn measure(a: &SnapshotArgs) -> Result<SnapshotReport, BenchError> {
     ];
     let result = (|| {
         let mut vmm = BenchVmm::spawn(&ferry, None, &dir, "guest", &args, &[])?;
-        // Let the guest write its whole working set once, then unlimited bandwidth.
+        // Let the guest write its whole working set once, then unlimited bandwidth (the
+        // capability's probe registers guest RAM with a userfaultfd: the runs settle first).
         std::thread::sleep(Duration::from_secs(2));
         vmm.set_caps(&[("background-snapshot", true)])?;
         vmm.set_params(json!({"max-bandwidth": 0}))?;
@@ -498,6 +516,11 @@ impl SnapshotReport {
             m.stop_the_world_stall_ms,
             m.stop_the_world_stall_ms / m.stall_ms.max(1e-3)
         );
+        let _ = writeln!(
+            o,
+            "  guest progress lost                {:.0} ms of full-speed guest time (stopped for the whole save: {:.0} ms)",
+            m.guest_lost_ms, m.stop_the_world_stall_ms
+        );
     }
 }
 
@@ -544,6 +567,7 @@ mod tests {
             fault_p99_us: x,
             fault_max_us: x,
             stop_the_world_stall_ms: 10.0 * x,
+            guest_lost_ms: x,
         };
         let m = medians(&[r(3.0), r(1.0), r(2.0)]).unwrap();
         assert_eq!(m.guest_rate_idle, 2.0);
