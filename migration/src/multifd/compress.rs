@@ -40,6 +40,7 @@ enum Ctx {
 /// A channel's compressor.
 pub struct Compressor {
     ctx: Ctx,
+    level: u8,
 }
 
 impl Compressor {
@@ -64,7 +65,7 @@ impl Compressor {
                 Ctx::Zstd(Box::new(c))
             }
         };
-        Ok(Compressor { ctx })
+        Ok(Compressor { ctx, level })
     }
 
     /// Compresses `input` into the start of `out` and returns the compressed length, or
@@ -83,7 +84,13 @@ impl Compressor {
                 c.reset();
                 match c.compress(input, dst, FlushCompress::Finish) {
                     Ok(Status::StreamEnd) => Some(c.total_out() as usize),
-                    _ => None,
+                    _ => {
+                        // The stream did not fit. zlib-rs (0.6) keeps output pending across
+                        // reset(), which would corrupt the next packet's stream: start over
+                        // with a new context (the common, fitting case keeps its context).
+                        **c = Compress::new(Compression::new(u32::from(self.level.min(9))), true);
+                        None
+                    }
                 }
             }
             // zstd fails with "destination too small" as soon as the output reaches `room`.
@@ -246,6 +253,84 @@ mod tests {
             // Still usable after errors.
             d.decompress(&out, &mut back).unwrap();
             assert_eq!(back, input);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod reuse_tests {
+    use super::*;
+
+    /// Pages from real files (compressible, varied): what exposed lost zlib state.
+    fn file_pages(skip: usize, n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir("/usr/lib/x86_64-linux-gnu")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(b) = std::fs::read(entry.path()) {
+                out.extend_from_slice(&b);
+            }
+            if out.len() > (skip + n + 1) * 4096 * 4 {
+                break;
+            }
+        }
+        out.resize((skip + n) * 4096 * 4, 7);
+        out[skip * 4096..(skip + n) * 4096].to_vec()
+    }
+
+    /// A packet that does not fit (sent raw) must not leave anything behind in the context:
+    /// zlib-rs keeps pending output across reset(), which corrupted the next packet.
+    #[test]
+    fn a_packet_after_one_that_did_not_fit_is_still_correct() {
+        for method in [Method::Zlib, Method::Zstd] {
+            let mut c = Compressor::new(method, 1).unwrap();
+            let mut buf = Vec::new();
+            let mut x = 0x1234_5678_9abc_def0u64;
+            for round in 0..20 {
+                // Random: deflate gets to the end of its room before the stream ends.
+                let a: Vec<u8> = (0..(61 + round % 3) * 4096)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect();
+                assert_eq!(c.compress(&a, &mut buf), None, "random data cannot shrink");
+                let b = file_pages(round * 11, 60);
+                let n = c.compress(&b, &mut buf).expect("file pages shrink");
+                let mut back = vec![0u8; b.len()];
+                Decompressor::new(method)
+                    .unwrap()
+                    .decompress(&buf[..n], &mut back)
+                    .unwrap_or_else(|e| panic!("{method:?} round {round}: {e}"));
+                assert!(back == b, "{method:?} round {round}: wrong bytes");
+            }
+        }
+    }
+
+    #[test]
+    fn one_context_compresses_many_different_packets_correctly() {
+        for method in [Method::Zlib, Method::Zstd] {
+            let mut c = Compressor::new(method, 1).unwrap();
+            let mut d = Decompressor::new(method).unwrap();
+            let mut buf = Vec::new();
+            for i in 0..40 {
+                let input = file_pages(i * 37, 1 + (i % 128));
+                let mut back = vec![0u8; input.len()];
+                match c.compress(&input, &mut buf) {
+                    Some(n) => {
+                        assert!(n < input.len());
+                        d.decompress(&buf[..n], &mut back)
+                            .unwrap_or_else(|e| panic!("{method:?} packet {i}: {e}"));
+                        assert!(back == input, "{method:?} packet {i} differs");
+                    }
+                    None => {}
+                }
+            }
         }
     }
 }
