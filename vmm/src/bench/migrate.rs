@@ -19,6 +19,8 @@
 //!
 //! The source and destination are two `ferry run` processes on loopback TCP, or on the two
 //! network-namespace hosts of [`crate::hostpair`] with `--netns`. Every command is printed.
+//! `--report DIR` adds charts: every throughput row's migration timeline and a summary
+//! ([`crate::report::bench_migrate`]).
 
 pub mod data;
 pub mod dirty_sync;
@@ -127,6 +129,10 @@ pub struct MigrateArgs {
     /// Exit with status 1 when a goal is not met.
     #[arg(long)]
     pub check: bool,
+    /// Write charts into DIR: the timeline of every throughput row's migration and a
+    /// summary of GiB/s per configuration and data set beside the same-run TCP figures.
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
 }
 
 /// Where and how the processes run; shared by the sections.
@@ -648,6 +654,19 @@ pub fn main(a: MigrateArgs) -> i32 {
         }
     } else {
         print!("{}", report.to_text());
+    }
+    if let Some(dir) = &a.report {
+        match crate::report::bench_migrate::write(dir, &report) {
+            Ok(files) => eprintln!(
+                "ferry bench migrate: {} chart(s) in {}",
+                files.len(),
+                dir.display()
+            ),
+            Err(e) => {
+                eprintln!("ferry bench migrate: --report: {e}");
+                return 1;
+            }
+        }
     }
     if a.check && !report.goals_met() {
         1

@@ -7,7 +7,8 @@
 //!   passes, the switchover and the downtime interval marked; throttle steps and expected
 //!   downtime below; per-channel throughput when multifd ran;
 //! - [`summary_chart`]: GiB/s per configuration and data set, with the reference figures
-//!   measured in the same run beside them;
+//!   measured in the same run beside them ([`bench_migrate`] fills it from
+//!   `ferry bench migrate` and writes a chart per row next to it);
 //! - [`atomic`]: every file is written to a temporary name beside its target, synced and
 //!   renamed, so a failure never leaves half a file behind.
 //!
@@ -15,6 +16,7 @@
 //! draw; text is left to whatever displays the SVG).
 
 pub mod atomic;
+pub mod bench_migrate;
 pub mod series;
 pub mod summary_chart;
 pub mod timeline_chart;

@@ -202,6 +202,9 @@ pub struct Measured {
     pub digests_match: bool,
     /// Guest GiB/s of every run.
     pub runs_guest_gib_per_s: Vec<f64>,
+    /// The best run's timeline, for `--report` charts (not in the JSON output).
+    #[serde(skip)]
+    pub timeline: Option<migration::timeline::Timeline>,
 }
 
 /// One row of the throughput table.
@@ -246,6 +249,7 @@ struct OneRun {
     info: Value,
     populate: Option<String>,
     digests_match: bool,
+    timeline: Option<Value>,
 }
 
 fn one_run(
@@ -319,6 +323,7 @@ fn one_run(
     let src_cpu0 = src.cpu_seconds();
     src.cmd("migrate", json!({ "uri": uri }))?;
     let info = src.wait_migration_end(timeout, Duration::from_millis(100))?;
+    let timeline = src.cmd("ferry-query-migrate-timeline", json!({})).ok();
     let src_cpu = src.cpu_seconds().zip(src_cpu0).map(|(b, a)| b - a);
     if info["status"] != "completed" {
         let why = info["error-desc"]
@@ -375,6 +380,7 @@ fn one_run(
         info,
         populate,
         digests_match: sd["digest"] == dd["digest"] && sd["digest"].is_string(),
+        timeline,
     })
 }
 
@@ -433,6 +439,7 @@ fn measure_row(
         dest_populate: r.populate,
         digests_match: r.digests_match,
         runs_guest_gib_per_s: all,
+        timeline: r.timeline.and_then(|v| serde_json::from_value(v).ok()),
     })
 }
 
@@ -659,6 +666,7 @@ mod tests {
             dest_populate: None,
             digests_match: true,
             runs_guest_gib_per_s: vec![],
+            timeline: None,
         };
         let row = |data: &str, wire: f64| ThroughputRow {
             data_set: data.into(),
