@@ -31,6 +31,27 @@ fn migrate_with(test: &str, channels: u8, compression: &str) -> Option<Value> {
         multifd > 0 && multifd * 10 >= total * 9,
         "pages go over the channels: {multifd} of {total} bytes\n{info}"
     );
+    // Ferry's per-channel report: every channel carried pages, the bytes add up, the
+    // compression method and ratio are reported.
+    let report = &info["x-ferry-multifd"];
+    let chans = report["channels"].as_array().expect("per-channel figures");
+    assert_eq!(chans.len(), usize::from(channels), "{report}");
+    assert!(
+        chans.iter().all(|c| c["bytes"].as_u64().unwrap_or(0) > 0),
+        "{report}"
+    );
+    let sum: u64 = chans.iter().map(|c| c["bytes"].as_u64().unwrap_or(0)).sum();
+    assert_eq!(
+        sum, multifd,
+        "channel bytes add up to multifd-bytes: {report}"
+    );
+    assert_eq!(report["compression"], compression);
+    let ratio = report["compression-ratio"].as_f64().unwrap_or(0.0);
+    if compression == "none" {
+        assert!((ratio - 1.0).abs() < 1e-9, "{report}");
+    } else {
+        assert!(ratio > 1.0, "the guest's pages compress: {report}");
+    }
     Some(info)
 }
 

@@ -154,6 +154,11 @@ impl MultifdSender {
                 Phase::Precopy,
                 super::packet::HANDSHAKE_LEN as u64,
             );
+            // The report's per-channel bytes are everything written on the channel, as
+            // multifd-bytes counts them.
+            stats.channels[id]
+                .bytes
+                .fetch_add(super::packet::HANDSHAKE_LEN as u64, Ordering::Relaxed);
         }
         let (ack_tx, acks) = crossbeam_channel::unbounded();
         let mut queues = Vec::with_capacity(n);
