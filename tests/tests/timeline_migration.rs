@@ -426,3 +426,56 @@ fn a_failed_migration_keeps_its_timeline_until_the_next_one() {
     let d = dst.wait_migration_end(Duration::from_secs(10));
     assert_eq!(d["status"], "completed", "{d}");
 }
+
+#[test]
+fn ferry_demo_writes_the_chart_of_its_migration() {
+    let _one = one_guest_test_at_a_time();
+    let test = "ferry_demo_writes_the_chart_of_its_migration";
+    if skip_unless(test, kvm_missing()) {
+        return;
+    }
+    let dir = TempDir::new("demo-report");
+    // A name it cannot write: usage error, nothing started.
+    let out = Command::new(ferry_bin())
+        .args(["demo", "--loopback", "--quiet", "--report"])
+        .arg(dir.path().join("demo.pdf"))
+        .output()
+        .expect("run ferry demo");
+    assert_eq!(out.status.code(), Some(2));
+    let chart = dir.path().join("demo.svg");
+    let out = Command::new(ferry_bin())
+        .args([
+            "demo",
+            "--loopback",
+            "--quiet",
+            "--memory",
+            "256M",
+            "--vcpus",
+            "1",
+            "--working-set",
+            "64M",
+            "--report",
+        ])
+        .arg(&chart)
+        .output()
+        .expect("run ferry demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.trim_end().ends_with("PASS"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("report            {}", chart.display())),
+        "{stdout}"
+    );
+    keep(&chart);
+    let inked = check_chart(
+        &chart,
+        &["Migration completed", "remaining memory (MiB)", " p1"],
+        4,
+    );
+    assert!(inked > 0.02, "{inked}");
+}

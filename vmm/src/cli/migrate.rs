@@ -11,7 +11,7 @@
 //!
 //! Every poll is kept as a [`Sample`]. `--report FILE.svg` (or `.json`)
 //! writes the source's own timeline afterwards (`ferry-query-migrate-timeline`,
-//! sampled at every dirty sync and every 80 ms, see `migration::timeline`),
+//! sampled at every dirty sync and every 50 ms, see `migration::timeline`),
 //! as a chart drawn by [`crate::report`]. `ferry demo` drives its migration
 //! through the same [`start`] and [`watch`].
 

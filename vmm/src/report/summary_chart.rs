@@ -69,7 +69,9 @@ pub fn render_summary(s: &Summary) -> Result<String, ReportError> {
         return Err(ReportError::Empty("the summary has no rows".into()));
     }
     let n = s.rows.len();
-    let height = 110 + ROW_H * n as u32 + 70;
+    let legend_n = 2 + s.bands.len() as u32;
+    let chart_h = ROW_H * n as u32 + 70;
+    let height = 72 + chart_h + 22 * legend_n + 16;
     let x_max = s
         .rows
         .iter()
@@ -95,7 +97,8 @@ pub fn render_summary(s: &Summary) -> Result<String, ReportError> {
             (FONT, 17).into_font().color(&RGBColor(80, 80, 80)),
         ))
         .map_err(draw_err)?;
-        let (_, body) = root.split_vertically(72);
+        let (_, rest) = root.split_vertically(72);
+        let (body, below) = rest.split_vertically(chart_h);
         let mut chart = ChartBuilder::on(&body)
             .margin(10)
             .margin_left(LABEL_W)
@@ -109,6 +112,7 @@ pub fn render_summary(s: &Summary) -> Result<String, ReportError> {
             .disable_y_axis()
             .x_desc(s.unit.clone())
             .light_line_style(RGBColor(236, 236, 236))
+            .max_light_lines(1)
             .label_style((FONT, 15))
             .draw()
             .map_err(draw_err)?;
@@ -118,14 +122,7 @@ pub fn render_summary(s: &Summary) -> Result<String, ReportError> {
                     [(b.low, 0.0), (b.high.max(b.low), n as f64)],
                     BAND.mix(0.15 + 0.1 * i as f64).filled(),
                 )))
-                .map_err(draw_err)?
-                .label(b.label.clone())
-                .legend(move |(x, y)| {
-                    Rectangle::new(
-                        [(x, y - 5), (x + 20, y + 5)],
-                        BAND.mix(0.15 + 0.1 * i as f64).filled(),
-                    )
-                });
+                .map_err(draw_err)?;
         }
         let base = |i: usize| (n - 1 - i) as f64;
         chart
@@ -134,9 +131,7 @@ pub fn render_summary(s: &Summary) -> Result<String, ReportError> {
                     Rectangle::new([(0.0, base(i) + 0.52), (v, base(i) + 0.9)], VALUE.filled())
                 })
             }))
-            .map_err(draw_err)?
-            .label(s.value_legend.clone())
-            .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], VALUE.filled()));
+            .map_err(draw_err)?;
         chart
             .draw_series(s.rows.iter().enumerate().filter_map(|(i, r)| {
                 r.reference.map(|v| {
@@ -146,9 +141,7 @@ pub fn render_summary(s: &Summary) -> Result<String, ReportError> {
                     )
                 })
             }))
-            .map_err(draw_err)?
-            .label(s.reference_legend.clone())
-            .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], REFERENCE.filled()));
+            .map_err(draw_err)?;
         let left = Pos::new(HPos::Left, VPos::Center);
         for (i, r) in s.rows.iter().enumerate() {
             let y = base(i);
@@ -198,14 +191,31 @@ pub fn render_summary(s: &Summary) -> Result<String, ReportError> {
             ))
             .map_err(draw_err)?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.9))
-            .border_style(RGBColor(180, 180, 180))
-            .label_font((FONT, 15))
-            .draw()
-            .map_err(draw_err)?;
+        // The legend below the chart, where it hides no bar.
+        let mut entries: Vec<(String, RGBAColor)> = vec![
+            (s.value_legend.clone(), VALUE.to_rgba()),
+            (s.reference_legend.clone(), REFERENCE.to_rgba()),
+        ];
+        for (i, b) in s.bands.iter().enumerate() {
+            entries.push((b.label.clone(), BAND.mix(0.15 + 0.1 * i as f64)));
+        }
+        let x0 = LABEL_W as i32 + 10;
+        let font = (FONT, 15)
+            .into_font()
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Left, VPos::Center));
+        for (i, (text, color)) in entries.into_iter().enumerate() {
+            let y = 10 + 22 * i as i32;
+            below
+                .draw(&Rectangle::new(
+                    [(x0, y - 6), (x0 + 22, y + 6)],
+                    color.filled(),
+                ))
+                .map_err(draw_err)?;
+            below
+                .draw(&Text::new(text, (x0 + 30, y), font.clone()))
+                .map_err(draw_err)?;
+        }
         root.present().map_err(draw_err)?;
     }
     Ok(svg)
