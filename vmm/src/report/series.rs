@@ -6,7 +6,7 @@ use migration::timeline::{EventKind, Sample, Timeline};
 /// Bytes in a MiB.
 pub const MIB: f64 = (1u64 << 20) as f64;
 /// Window over which sending and channel rates are averaged, ms.
-pub const RATE_WINDOW_MS: f64 = 400.0;
+pub const RATE_WINDOW_MS: f64 = 600.0;
 
 /// A named line.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,7 +47,8 @@ pub fn remaining_mib(tl: &Timeline) -> Series {
 }
 
 /// What each dirty sync found dirty, per second of the pass it ended, in MiB/s: a step
-/// from the pass's start (the previous sync, or the end of setup) to its sync.
+/// from the pass's start (the previous sync, or the end of setup) to its sync. The sync
+/// after the switchover is left out: the guest was stopped, so it measures no rate.
 pub fn dirtied_per_pass_mib_s(tl: &Timeline) -> Series {
     let mut start_ms = tl
         .events
@@ -59,8 +60,9 @@ pub fn dirtied_per_pass_mib_s(tl: &Timeline) -> Series {
             _ => None,
         })
         .unwrap_or(0.0);
+    let stopped = tl.switchover_ms.unwrap_or(f64::INFINITY);
     let mut points = Vec::new();
-    for e in &tl.events {
+    for e in tl.events.iter().filter(|e| e.t_ms < stopped) {
         if let EventKind::Pass { remaining, .. } = e.what {
             let ms = e.t_ms - start_ms;
             if ms >= 1.0 {
@@ -304,5 +306,11 @@ mod tests {
             s.points,
             vec![(0.01, 100.0), (0.51, 100.0), (0.51, 20.0), (0.76, 20.0)]
         );
+        // A sync after the guest stopped measures nothing.
+        let stopped = Timeline {
+            switchover_ms: Some(700.0),
+            ..tl
+        };
+        assert_eq!(dirtied_per_pass_mib_s(&stopped).points.len(), 2);
     }
 }

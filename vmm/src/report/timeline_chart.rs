@@ -323,17 +323,17 @@ fn main_panel(area: &Area, tl: &Timeline) -> Result<(), ReportError> {
                     .map(|&(_, t)| vertical(t / 1000.0, y_max, PASS.stroke_width(1))),
             )
             .map_err(draw_err)?;
-        // Labels along the bottom, skipping those that would overlap the previous one.
+        // Labels along the top, skipping those that would overlap the previous one.
         let style = (FONT, 13)
             .into_font()
             .color(&RGBColor(90, 90, 90))
-            .pos(Pos::new(HPos::Left, VPos::Bottom));
+            .pos(Pos::new(HPos::Left, VPos::Top));
         let mut last_x = f64::NEG_INFINITY;
         let mut labels = Vec::new();
         for &(p, t) in &passes {
             let x = t / 1000.0;
             if x - last_x >= span * 0.03 {
-                labels.push(Text::new(format!(" p{p}"), (x, 0.0), style.clone()));
+                labels.push(Text::new(format!(" p{p}"), (x, y_max), style.clone()));
                 last_x = x;
             }
         }
