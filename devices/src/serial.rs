@@ -16,7 +16,7 @@ pub enum SerialOutput {
     /// The VMM's standard output.
     #[default]
     Stdout,
-    /// A file, created or truncated.
+    /// A file: created or truncated, or appended to by an incoming guest.
     File(PathBuf),
     /// Discarded.
     None,
@@ -93,10 +93,22 @@ pub struct Serial {
 }
 
 impl Serial {
-    /// A UART writing to `output`.
+    /// A UART writing to `output` (a file is created or truncated).
     pub fn new(output: &SerialOutput) -> io::Result<Self> {
+        Self::open(output, false)
+    }
+
+    /// A UART writing to `output`; with `append` a file keeps what it holds and output
+    /// goes at its end (an incoming guest continues the console its source wrote).
+    pub fn open(output: &SerialOutput, append: bool) -> io::Result<Self> {
         let out: Option<Box<dyn Write + Send>> = match output {
             SerialOutput::Stdout => Some(Box::new(io::stdout())),
+            SerialOutput::File(p) if append => Some(Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)?,
+            )),
             SerialOutput::File(p) => Some(Box::new(File::create(p)?)),
             SerialOutput::None => None,
         };

@@ -54,6 +54,9 @@ pub trait SourceVm: Send + Sync {
     fn save_state(&self) -> Result<Vec<u8>, String>;
     /// The migration completed: the VM stays stopped for good (postmigrate).
     fn migrated_away(&self);
+    /// A local migration (x-ignore-shared) completed: another process runs the guest in
+    /// this VM's memory now, so this VM must never write it (nor run) again.
+    fn memory_handed_over(&self) {}
 }
 
 /// What the receiving side needs from its VM.
@@ -68,4 +71,10 @@ pub trait DestVm: Send + Sync {
     fn load_state(&self, state: &[u8]) -> Result<(), String>;
     /// Starts the guest (after the source's COMMIT).
     fn start(&self) -> Result<(), String>;
+    /// Makes `memory` (the source's guest memory, passed by a local migration) this VM's
+    /// RAM instead of its own, at the same guest addresses. The guest is not running.
+    fn adopt_shared_ram(&self, memory: std::fs::File) -> Result<(), String> {
+        let _ = memory;
+        Err("this VM cannot map another process's guest memory".into())
+    }
 }

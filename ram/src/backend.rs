@@ -423,6 +423,35 @@ pub fn map_region(backing: &Backing, offset: u64, size: u64) -> Result<*mut u8, 
     Ok(ptr.cast())
 }
 
+/// Maps `len` bytes of `file` at file offset `offset` shared, exactly over the existing
+/// mapping at `addr` (MAP_FIXED replaces it atomically; the address stays valid).
+pub fn map_shared_fixed(addr: *mut u8, len: u64, file: &File, offset: u64) -> Result<(), RamError> {
+    let size = usize::try_from(len).map_err(|_| RamError::Mmap {
+        size: len,
+        source: io::Error::from_raw_os_error(libc::ENOMEM),
+    })?;
+    // SAFETY: `addr`/`len` is a mapping this GuestRam made and owns; MAP_FIXED replaces
+    // exactly that range with the file's pages. The caller guarantees nothing accesses the
+    // range while it is replaced.
+    let ptr = unsafe {
+        libc::mmap(
+            addr.cast(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
+            offset as libc::off_t,
+        )
+    };
+    if ptr == libc::MAP_FAILED || ptr.cast() != addr {
+        return Err(RamError::Mmap {
+            size: len,
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
 /// Applies `advice` to a mapping.
 pub fn madvise(addr: *mut u8, len: usize, advice: i32, what: &'static str) -> Result<(), RamError> {
     // SAFETY: addr/len describe a mapping owned by the caller; madvise does not invalidate it

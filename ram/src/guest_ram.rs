@@ -41,6 +41,9 @@ impl RamRegion {
 pub struct GuestRam {
     config: MemoryConfig,
     backing: Backing,
+    /// A shared memfd or file adopted from another process (x-ignore-shared): from then on
+    /// it is the RAM's backing.
+    adopted: std::sync::OnceLock<File>,
     regions: Vec<RamRegion>,
     memory: GuestMemoryMmap,
     host_dirty: AtomicBitmap,
@@ -121,6 +124,7 @@ impl GuestRam {
             host_dirty: AtomicBitmap::new(config.size >> PAGE_SHIFT),
             config,
             backing,
+            adopted: std::sync::OnceLock::new(),
             regions,
             memory,
             track_host_writes: AtomicBool::new(false),
@@ -211,17 +215,58 @@ impl GuestRam {
 
     /// What kind of kernel memory backs this RAM.
     pub fn backing_kind(&self) -> BackingKind {
+        if self.adopted.get().is_some() {
+            return BackingKind::SharedShmem;
+        }
         self.backing.kind
     }
 
     /// The memfd or file behind the RAM, if any (offsets in it are RAM offsets).
     pub fn backing_file(&self) -> Option<&File> {
-        self.backing.file.as_ref()
+        self.adopted.get().or(self.backing.file.as_ref())
     }
 
     /// Whether the RAM is mapped shared with its backing object.
     pub fn is_shared(&self) -> bool {
-        self.backing.shared
+        self.adopted.get().is_some() || self.backing.shared
+    }
+
+    /// Makes `file` (another process's guest memory: a memfd or a shared file, at least as
+    /// large as this RAM, RAM offsets as file offsets) this RAM's backing, mapping it over the
+    /// current mappings at the same addresses (so KVM's memory slots and every pointer stay
+    /// valid). Both processes then share the pages. Once only.
+    ///
+    /// Nothing may access guest memory while this runs (the guest is not running: the
+    /// incoming side of a local migration).
+    pub fn adopt_shared(&self, file: File) -> Result<(), RamError> {
+        let len = file
+            .metadata()
+            .map_err(|source| RamError::Mmap {
+                size: self.size(),
+                source,
+            })?
+            .len();
+        if len < self.size() {
+            return Err(RamError::Mmap {
+                size: self.size(),
+                source: std::io::Error::other(format!(
+                    "the shared memory is {len} bytes, smaller than this guest's {}",
+                    self.size()
+                )),
+            });
+        }
+        if self.adopted.get().is_some() {
+            return Err(RamError::Mmap {
+                size: self.size(),
+                source: std::io::Error::other("guest memory was already adopted"),
+            });
+        }
+        for r in &self.regions {
+            backend::map_shared_fixed(r.host_addr as *mut u8, r.size, &file, r.ram_offset)?;
+        }
+        // Cannot fail: checked above, and only one local migration loads into a VM.
+        let _ = self.adopted.set(file);
+        Ok(())
     }
 
     /// vm-memory's view, for typed writes by the VMM.
@@ -297,7 +342,7 @@ impl GuestRam {
     /// Whether [`GuestRam::write_through_backing`] can write this RAM: a shared mapping of a
     /// memfd or file, where RAM offsets are file offsets.
     pub fn writes_through_backing(&self) -> bool {
-        self.backing.shared && self.backing.file.is_some()
+        self.is_shared() && self.backing_file().is_some()
     }
 
     /// Writes `data` at `ram_offset` with pwrite(2) on the memfd or file behind a shared
@@ -316,7 +361,7 @@ impl GuestRam {
         if end > self.size() {
             return Err(RamError::OutOfRange(ram_offset));
         }
-        match (&self.backing.file, self.backing.shared) {
+        match (self.backing_file(), self.is_shared()) {
             (Some(f), true) => {
                 f.write_all_at(data, ram_offset)
                     .map_err(|source| RamError::Write { ram_offset, source })?;
@@ -412,15 +457,45 @@ impl GuestRam {
             .collect()
     }
 
-    /// One hash of all of guest RAM.
+    /// One hash of all of guest RAM (every byte in RAM-offset order).
+    ///
+    /// Pages known to read as zero ([`GuestRam::data_ranges`]) are hashed as zeros without
+    /// being touched, so a large, mostly untouched guest is hashed quickly and without
+    /// allocating its holes.
     pub fn digest(&self) -> u64 {
+        static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
         let mut h = xxhash_rust::xxh3::Xxh3::new();
-        for r in &self.regions {
-            // SAFETY: the region's mapping is live for `self`'s life; contents may race (see type doc).
-            let bytes =
-                unsafe { std::slice::from_raw_parts(r.host_addr as *const u8, r.size as usize) };
-            h.update(bytes);
+        let zeros = |h: &mut xxhash_rust::xxh3::Xxh3, mut n: u64| {
+            while n > 0 {
+                let k = n.min(ZEROS.len() as u64);
+                h.update(&ZEROS[..k as usize]);
+                n -= k;
+            }
+        };
+        let mut at = 0u64;
+        for (first, end) in self.data_ranges() {
+            let (start, end) = (
+                (first << PAGE_SHIFT).max(at),
+                (end << PAGE_SHIFT).min(self.size()),
+            );
+            if end <= start {
+                continue;
+            }
+            zeros(&mut h, start - at);
+            let mut off = start;
+            while off < end {
+                let Some((ptr, room)) = self.host_addr(off) else {
+                    break;
+                };
+                let len = room.min(end - off);
+                // SAFETY: `ptr..ptr + len` lies inside one region's mapping, live for
+                // `self`'s life; contents may race (see the type's doc).
+                h.update(unsafe { std::slice::from_raw_parts(ptr as *const u8, len as usize) });
+                off += len;
+            }
+            at = end;
         }
+        zeros(&mut h, self.size() - at);
         h.digest()
     }
 
@@ -431,7 +506,7 @@ impl GuestRam {
             .host_addr(ram_offset)
             .ok_or(RamError::OutOfRange(ram_offset))?;
         let len = len.min(room) as usize;
-        let (advice, what) = if self.backing.shared {
+        let (advice, what) = if self.is_shared() {
             (libc::MADV_REMOVE, "REMOVE")
         } else {
             (libc::MADV_DONTNEED, "DONTNEED")
@@ -548,6 +623,52 @@ mod tests {
             "anonymous: nothing written"
         );
         assert!(a.is_zero(0));
+    }
+
+    #[test]
+    fn digest_hashes_every_byte_and_skips_only_holes() {
+        for backend in [Backend::SharedMemfd, Backend::AnonymousPrivate] {
+            let r = ram(backend.clone());
+            r.write_u64(4096 * 3 + 8, 7).unwrap();
+            r.write_u64(r.size() - 8, 9).unwrap();
+            let mut all = xxhash_rust::xxh3::Xxh3::new();
+            for p in 0..r.page_count() {
+                all.update(r.page(p).unwrap());
+            }
+            assert_eq!(r.digest(), all.digest(), "{backend:?}");
+        }
+    }
+
+    #[test]
+    fn adopting_another_rams_memfd_shares_its_pages() {
+        let a = ram(Backend::SharedMemfd);
+        a.write_u64(4096 * 9, 0x1234).unwrap();
+        let b = ram(Backend::AnonymousPrivate);
+        let fd = a.backing_file().unwrap().try_clone().unwrap();
+        let before = b.page_ptr(9).unwrap();
+        b.adopt_shared(fd).unwrap();
+        assert_eq!(b.page_ptr(9).unwrap(), before, "addresses stay valid");
+        assert_eq!(b.read_u64(4096 * 9).unwrap(), 0x1234);
+        b.write_u64(4096 * 10, 0x5678).unwrap();
+        assert_eq!(
+            a.read_u64(4096 * 10).unwrap(),
+            0x5678,
+            "one set of pages for both"
+        );
+        assert!(b.is_shared() && b.backing_kind() == BackingKind::SharedShmem);
+        let again = a.backing_file().unwrap().try_clone().unwrap();
+        assert!(b.adopt_shared(again).is_err(), "once only");
+        let small = GuestRam::new(&MemoryConfig {
+            size: 2 << 20,
+            backend: Backend::SharedMemfd,
+            hugepages: HugePages::None,
+            prealloc: false,
+        })
+        .unwrap();
+        let c = ram(Backend::SharedMemfd);
+        assert!(c
+            .adopt_shared(small.backing_file().unwrap().try_clone().unwrap())
+            .is_err());
     }
 
     #[test]

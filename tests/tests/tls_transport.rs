@@ -37,19 +37,19 @@ fn handshake(
     hostname: &str,
     authz: Option<Authz>,
 ) -> (Result<Channel, String>, Result<Channel, String>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("local address");
     let Setup { server, client } = setup;
     let srv = thread::spawn(move || {
-        let (s, _) = l.accept().unwrap();
+        let (s, _) = l.accept().expect("accept");
         Channel::Tcp(s)
             .into_tls_server(&server, authz.as_ref())
             .map_err(|e| e.to_string())
     });
-    let c = Channel::Tcp(TcpStream::connect(addr).unwrap())
+    let c = Channel::Tcp(TcpStream::connect(addr).expect("connect"))
         .into_tls_client(&client, hostname)
         .map_err(|e| e.to_string());
-    (c, srv.join().unwrap())
+    (c, srv.join().expect("server thread"))
 }
 
 #[test]

@@ -127,21 +127,27 @@ impl Vmm {
     /// Starts listening for an incoming migration on `uri`.
     pub fn start_incoming(self: &Arc<Self>, uri: &MigrationUri) -> Result<(), String> {
         self.options.set_incoming(true);
-        let dest = Arc::new(MachineDest::new(
-            self.machine.clone(),
-            self.uuid,
-            self.autostart,
-        ));
         let me = self.clone();
         let fresh = !matches!(
             self.machine.config().memory.backend,
             ram::Backend::File { .. }
         );
-        let populate = if fresh && !self.machine.config().memory.prealloc {
-            start_populate(self.machine.ram())
-        } else {
-            None
-        };
+        // A local migration (x-ignore-shared) maps the source's memory: nothing to populate.
+        let local = self
+            .options
+            .caps()
+            .get(migration::options::Capability::XIgnoreShared);
+        let populate: crate::vm_adapter::PopulateSlot = Arc::new(std::sync::Mutex::new(
+            if fresh && !local && !self.machine.config().memory.prealloc {
+                start_populate(self.machine.ram())
+            } else {
+                None
+            },
+        ));
+        let dest = Arc::new(
+            MachineDest::new(self.machine.clone(), self.uuid, self.autostart)
+                .with_populate(populate.clone()),
+        );
         let incoming = Incoming::start(
             uri,
             dest,
@@ -150,7 +156,7 @@ impl Vmm {
             fresh,
             Box::new(move |result| {
                 // What is not populated by now was never sent: it stays zero, unallocated.
-                if let Some(p) = populate {
+                if let Some(p) = populate.lock().ok().and_then(|mut p| p.take()) {
                     report_populate(p);
                 }
                 me.options.set_incoming(false);

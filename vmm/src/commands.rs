@@ -198,6 +198,15 @@ pub fn command_table(vmm: &Arc<Vmm>) -> CommandTable {
                 serde_json::to_value(report).map_err(generic)?,
             );
         }
+        // Ferry's extension: the downtime to the microsecond (local migrations take less
+        // than the millisecond `downtime` can show).
+        if let (Some(o), Value::Object(map)) = (outgoing(&v), &mut value) {
+            if o.status() == migration::info::MigrationStatus::Completed
+                && crate::snapshot::source_state(&v).is_none()
+            {
+                map.insert("x-ferry-downtime-us".into(), json!(o.downtime_us()));
+            }
+        }
         Ok(value)
     });
 
@@ -263,6 +272,9 @@ pub fn command_table(vmm: &Arc<Vmm>) -> CommandTable {
         let mut a = Args::new(&args);
         let rate = a.req_u64("rate").map_err(qapi)?;
         a.finish().map_err(qapi)?;
+        if v.machine.memory_handed_over() {
+            return Err(QmpError::generic(crate::machine::MEMORY_HANDED_OVER));
+        }
         let c = v
             .machine
             .control()
@@ -279,6 +291,21 @@ pub fn command_table(vmm: &Arc<Vmm>) -> CommandTable {
         Ok(json!({
             "digest": format!("{:016x}", ram.digest()),
             "size": ram.size(),
+        }))
+    });
+
+    let v = vmm.clone();
+    t.register_no_args("ferry-query-config", move || {
+        // What `ferry upgrade` needs to start a replacement process for this one.
+        let config = v.machine.config();
+        Ok(json!({
+            "pid": std::process::id(),
+            "executable": std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default(),
+            "argv": std::env::args().skip(1).collect::<Vec<_>>(),
+            "memory-size": v.machine.ram().size(),
+            "memory-shared": v.machine.ram().is_shared(),
+            "vcpus": config.vcpus,
+            "memory-handed-over": v.machine.memory_handed_over(),
         }))
     });
 
@@ -317,12 +344,19 @@ fn migrate(vmm: &Arc<Vmm>, args: &Map<String, Value>) -> Result<Value, QmpError>
     if migration_running(vmm) {
         return Err(QmpError::generic(MIGRATION_ACTIVE));
     }
+    if vmm.machine.memory_handed_over() {
+        return Err(QmpError::generic(crate::machine::MEMORY_HANDED_OVER));
+    }
     let uri: MigrationUri = uri.parse().map_err(generic)?;
-    if vmm
-        .options
-        .caps()
-        .get(migration::options::Capability::BackgroundSnapshot)
+    let caps = vmm.options.caps();
+    if caps.get(migration::options::Capability::BackgroundSnapshot)
+        && caps.get(migration::options::Capability::XIgnoreShared)
     {
+        return Err(QmpError::generic(
+            "x-ignore-shared cannot be used with background-snapshot: a snapshot must hold the memory's contents",
+        ));
+    }
+    if caps.get(migration::options::Capability::BackgroundSnapshot) {
         return crate::snapshot::start(vmm, uri);
     }
     crate::snapshot::forget(vmm);

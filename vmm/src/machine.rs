@@ -61,6 +61,9 @@ pub struct MachineConfig {
     pub vm: VmOptions,
 }
 
+/// Why a machine whose memory went to another process refuses to run or change it.
+pub const MEMORY_HANDED_OVER: &str = "this guest's memory belongs to another Ferry process since a local migration (x-ignore-shared) completed: the guest runs there now, so it cannot run, be migrated or be changed here";
+
 /// Errors building or steering a machine.
 #[derive(Debug, Error)]
 pub enum MachineError {
@@ -141,6 +144,8 @@ pub struct Machine {
     throttle: Arc<Throttle>,
     throttle_thread: Option<JoinHandle<()>>,
     dirty: Arc<dyn DirtyTracker>,
+    /// Set when a local migration gave this guest's memory to another process.
+    memory_handed_over: AtomicBool,
 }
 
 /// Shared throttle state: the percentage and the ticker's stop flag.
@@ -173,7 +178,7 @@ impl Machine {
             )));
         }
         let serial = Arc::new(Mutex::new(
-            Serial::new(&config.serial).map_err(MachineError::Serial)?,
+            Serial::open(&config.serial, incoming).map_err(MachineError::Serial)?,
         ));
         let control: Arc<OnceLock<Arc<GuestControl>>> = Arc::new(OnceLock::new());
         let template = cpuid::supported(vm.kvm())?;
@@ -274,6 +279,7 @@ impl Machine {
             throttle,
             throttle_thread: None,
             dirty,
+            memory_handed_over: AtomicBool::new(false),
         };
         m.start_throttle_ticker()?;
         Ok(m)
@@ -406,6 +412,9 @@ impl Machine {
 
     /// Lets the vCPUs run again; emits RESUME if they were stopped.
     pub fn resume(&self) -> Result<(), MachineError> {
+        if self.memory_handed_over() {
+            return Err(MachineError::State(MEMORY_HANDED_OVER.into()));
+        }
         if let Some(stop) = self.vcpus.iter().find_map(|v| v.stopped()) {
             return Err(MachineError::State(format!("cannot resume: {stop}")));
         }
@@ -508,6 +517,17 @@ impl Machine {
             .map_err(|e| MachineError::State(e.to_string()))?;
         let _ = self.control.set(Arc::new(c));
         Ok(())
+    }
+
+    /// A local migration (x-ignore-shared) completed: another process runs this guest in
+    /// the same memory now. This machine never runs or writes guest memory again.
+    pub fn hand_over_memory(&self) {
+        self.memory_handed_over.store(true, Ordering::Release);
+    }
+
+    /// Whether [`Machine::hand_over_memory`] happened.
+    pub fn memory_handed_over(&self) -> bool {
+        self.memory_handed_over.load(Ordering::Acquire)
     }
 
     /// Sets the run state after an incoming migration or restore (then `resume`).

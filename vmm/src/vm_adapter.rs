@@ -135,6 +135,9 @@ impl SourceVm for MachineSource {
     fn migrated_away(&self) {
         self.machine.mark(RunState::PostMigrate);
     }
+    fn memory_handed_over(&self) {
+        self.machine.hand_over_memory();
+    }
 }
 
 /// The incoming side: a machine waiting for its state.
@@ -143,7 +146,12 @@ pub struct MachineDest {
     uuid: [u8; 16],
     autostart: bool,
     source_running: AtomicBool,
+    populate: PopulateSlot,
 }
+
+/// The background populate of an incoming guest's memory, stopped before the memory is
+/// replaced by a local migration's (and reported when the migration ends).
+pub type PopulateSlot = Arc<std::sync::Mutex<Option<ram::BackgroundPopulate>>>;
 
 impl MachineDest {
     /// Wraps `machine`; `autostart` false keeps the guest paused after the migration (`-S`).
@@ -153,7 +161,14 @@ impl MachineDest {
             uuid,
             autostart,
             source_running: AtomicBool::new(true),
+            populate: PopulateSlot::default(),
         }
+    }
+
+    /// Lets a local migration stop `populate` before it maps the source's memory.
+    pub fn with_populate(mut self, populate: PopulateSlot) -> Self {
+        self.populate = populate;
+        self
     }
 }
 
@@ -171,6 +186,15 @@ impl DestVm for MachineDest {
         let running = load_state(&self.machine, state)?;
         self.source_running.store(running, Ordering::Release);
         Ok(())
+    }
+    fn adopt_shared_ram(&self, memory: std::fs::File) -> Result<(), String> {
+        // Populating our own memory is pointless now, and must not run while it is replaced.
+        let populate = self.populate.lock().map_err(|_| "lock poisoned")?.take();
+        drop(populate);
+        self.machine
+            .ram()
+            .adopt_shared(memory)
+            .map_err(|e| e.to_string())
     }
     fn start(&self) -> Result<(), String> {
         if self.autostart && self.source_running.load(Ordering::Acquire) {

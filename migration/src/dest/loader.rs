@@ -137,6 +137,8 @@ pub struct RamLoader<'a> {
     scratch: Vec<u8>,
     /// Records applied.
     pub pages: u64,
+    /// Set for a stream that must not carry pages (the memory is shared, x-ignore-shared).
+    refuse_pages: bool,
 }
 
 impl<'a> RamLoader<'a> {
@@ -147,7 +149,15 @@ impl<'a> RamLoader<'a> {
             book: Arc::new(PageBook::new(ram.page_count(), fresh)),
             scratch: Vec::new(),
             pages: 0,
+            refuse_pages: false,
         }
+    }
+
+    /// Makes every RAM record an error: guest memory is shared with a running source
+    /// (x-ignore-shared), so this process must not write it.
+    pub fn refusing_pages(mut self) -> Self {
+        self.refuse_pages = true;
+        self
     }
 
     /// The page bookkeeping, to share with multifd channels.
@@ -167,6 +177,12 @@ impl<'a> RamLoader<'a> {
         reader: &mut FrameReader<R>,
         dir: &RamDirectory,
     ) -> Result<()> {
+        if self.refuse_pages && !dir.records.is_empty() {
+            return Err(StreamError::Invalid(
+                "RAM pages in a stream whose guest memory is shared (x-ignore-shared)".into(),
+            )
+            .into());
+        }
         // Pages go straight into guest memory; deltas and compressed pages into scratch.
         let scratch_len: usize = dir
             .records

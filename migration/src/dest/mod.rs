@@ -1,6 +1,7 @@
 //! The incoming side of a migration: listen, check, load, confirm, start the guest.
 
 pub mod loader;
+mod local;
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -14,7 +15,7 @@ use crate::multifd::recv::{accept_channels, check_settings, LocalSettings};
 use crate::multifd::{Method, MultifdReceiver};
 use crate::options::{Capability, MigrationOptions};
 use crate::stream::frame::FrameReader;
-use crate::stream::header::{Header, FEATURE_SWITCHOVER_ACK};
+use crate::stream::header::{Header, FEATURE_IGNORE_SHARED, FEATURE_SWITCHOVER_ACK};
 use crate::stream::Reply;
 use crate::transport::{Channel, Listener, MigrationUri};
 use crate::vm::DestVm;
@@ -239,6 +240,9 @@ fn load(
     let mut reader = FrameReader::new(ch);
     let header = Header::read_from(reader.get_mut())?;
     check_header(&header, vm)?;
+    if header.has(FEATURE_IGNORE_SHARED) {
+        return local::load(reader, options, reply_ch, vm);
+    }
     let (caps, params) = options.snapshot();
     let method = Method::from(params.multifd_compression);
     check_settings(
@@ -277,7 +281,17 @@ fn load(
         (r, _) => r?,
     };
     drop(multifd);
-    vm.load_state(&state).map_err(MigrationError::Vm)?;
+    finish(&mut reader, &state, reply_ch, vm)
+}
+
+/// Loads the state, confirms (LOADED), waits for the source's COMMIT and starts the guest.
+fn finish(
+    reader: &mut FrameReader<Channel>,
+    state: &[u8],
+    reply_ch: Option<&mut Channel>,
+    vm: &dyn DestVm,
+) -> Result<()> {
+    vm.load_state(state).map_err(MigrationError::Vm)?;
     if let Some(rc) = reply_ch {
         Reply::Loaded.write_to(rc)?;
         match Reply::read_from(reader.get_mut())? {

@@ -1,5 +1,6 @@
 //! The outgoing side of a migration: the controller QMP talks to, and the migration thread.
 
+pub mod local;
 mod precopy;
 pub mod ram_sender;
 
@@ -39,6 +40,7 @@ struct StatusInfo {
     setup_time_ms: u64,
     total_time_ms: Option<u64>,
     downtime_ms: u64,
+    downtime_us: u64,
 }
 
 /// State shared by the controller, the migration thread and the option hooks.
@@ -103,7 +105,16 @@ impl Shared {
     }
 
     pub(crate) fn set_downtime(&self, ms: u64) {
-        self.lock_status().downtime_ms = ms;
+        let mut s = self.lock_status();
+        s.downtime_ms = ms;
+        s.downtime_us = ms.saturating_mul(1000);
+    }
+
+    /// Records the downtime measured to the microsecond.
+    pub(crate) fn set_downtime_exact(&self, d: std::time::Duration) {
+        let mut s = self.lock_status();
+        s.downtime_ms = d.as_millis() as u64;
+        s.downtime_us = d.as_micros() as u64;
     }
 
     pub(crate) fn emit(&self, name: &str, data: serde_json::Value) {
@@ -301,6 +312,7 @@ impl Outgoing {
         events: Arc<dyn MigrationEvents>,
     ) -> Result<Arc<Outgoing>, MigrationError> {
         let (caps, params) = options.snapshot();
+        local::check(&caps, &params, &uri, &vm.ram())?;
         let channels = if caps.get(Capability::Multifd) {
             usize::from(params.multifd_channels)
         } else {
@@ -313,6 +325,7 @@ impl Outgoing {
                 setup_time_ms: 0,
                 total_time_ms: None,
                 downtime_ms: 0,
+                downtime_us: 0,
             }),
             status_cond: Condvar::new(),
             counters: MigrationCounters::new(channels),
@@ -371,6 +384,11 @@ impl Outgoing {
     /// The recorded error, if any.
     pub fn error(&self) -> Option<String> {
         self.shared.lock_status().error.clone()
+    }
+
+    /// The guest's downtime in microseconds (query-migrate's `downtime` is in ms).
+    pub fn downtime_us(&self) -> u64 {
+        self.shared.lock_status().downtime_us
     }
 
     /// The live counters.

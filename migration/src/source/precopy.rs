@@ -31,9 +31,9 @@ use crate::transport::{self, Channel, MigrationUri};
 use crate::xbzrle::XbzrleEncoder;
 
 /// How long the source waits for the destination to confirm it loaded everything.
-const LOADED_TIMEOUT: Duration = Duration::from_secs(60);
+pub(super) const LOADED_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long connecting may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Passes under the downtime threshold before Ferry switches over even if still shrinking.
 const MAX_EXTRA_PASSES: u32 = 4;
 /// Expected downtime below which Ferry switches over at once.
@@ -79,7 +79,9 @@ pub(super) fn run(shared: Arc<Shared>, uri: MigrationUri) {
 }
 
 /// Reads the destination's replies on a second handle of the channel.
-fn spawn_reply_reader(ch: &Channel) -> Result<Receiver<std::result::Result<Reply, String>>> {
+pub(super) fn spawn_reply_reader(
+    ch: &Channel,
+) -> Result<Receiver<std::result::Result<Reply, String>>> {
     let mut reader = ch
         .try_clone()
         .map_err(|e| MigrationError::Vm(format!("cannot clone the migration socket: {e}")))?;
@@ -104,15 +106,15 @@ fn spawn_reply_reader(ch: &Channel) -> Result<Receiver<std::result::Result<Reply
 }
 
 /// What the source has heard from the destination so far.
-struct ReplyState {
-    rx: Option<Receiver<std::result::Result<Reply, String>>>,
-    switchover_acked: bool,
-    closed: Option<String>,
+pub(super) struct ReplyState {
+    pub(super) rx: Option<Receiver<std::result::Result<Reply, String>>>,
+    pub(super) switchover_acked: bool,
+    pub(super) closed: Option<String>,
 }
 
 impl ReplyState {
     /// Drains pending replies; a FAILED reply becomes an error.
-    fn poll(&mut self) -> Result<()> {
+    pub(super) fn poll(&mut self) -> Result<()> {
         let Some(rx) = self.rx.clone() else {
             return Ok(());
         };
@@ -122,7 +124,7 @@ impl ReplyState {
         Ok(())
     }
 
-    fn handle(&mut self, r: std::result::Result<Reply, String>) -> Result<()> {
+    pub(super) fn handle(&mut self, r: std::result::Result<Reply, String>) -> Result<()> {
         match r {
             Ok(Reply::Failed(why)) => Err(MigrationError::Destination(why)),
             Ok(Reply::SwitchoverAck) => {
@@ -141,7 +143,7 @@ impl ReplyState {
 
     /// Turns a write error into the destination's own reason when it sent one, and a
     /// timed-out write into words a user can act on.
-    fn explain(&mut self, e: MigrationError) -> MigrationError {
+    pub(super) fn explain(&mut self, e: MigrationError) -> MigrationError {
         if let Some(rx) = &self.rx {
             match rx.recv_timeout(Duration::from_millis(500)) {
                 Ok(Ok(Reply::Failed(why))) => return MigrationError::Destination(why),
@@ -181,7 +183,7 @@ impl ReplyState {
     }
 
     /// Waits for LOADED.
-    fn wait_loaded(&mut self, cancel: &AtomicBool) -> Result<()> {
+    pub(super) fn wait_loaded(&mut self, cancel: &AtomicBool) -> Result<()> {
         let Some(rx) = &self.rx else { return Ok(()) };
         let deadline = Instant::now() + LOADED_TIMEOUT;
         loop {
@@ -302,6 +304,10 @@ fn multifd_config(shared: &Shared, uri: &MigrationUri) -> Result<Option<SendConf
 fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -> Result<()> {
     let t0 = shared.start;
     let caps = *shared.caps();
+    if caps.get(Capability::XIgnoreShared) {
+        // Guest memory is shared with the destination: only state travels.
+        return super::local::migrate(shared, uri, stopped_vcpus);
+    }
     let ram = shared.vm.ram();
     let multifd = multifd_config(shared, uri)?;
     let security = transport::tls::Security::source(&shared.options.params(), uri)

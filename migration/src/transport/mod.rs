@@ -1,5 +1,6 @@
 //! Where a migration goes: URIs (`tcp:`, `unix:`, `file:`), connecting and listening.
 
+pub mod fd_passing;
 pub mod tls;
 pub mod uri;
 

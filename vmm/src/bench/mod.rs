@@ -3,6 +3,7 @@
 //! /proc).
 
 pub mod boot;
+pub mod local;
 pub mod migrate;
 pub mod proc_status;
 pub mod snapshot;

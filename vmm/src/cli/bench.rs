@@ -30,6 +30,9 @@ pub enum BenchCommand {
     /// Background-snapshot figures: the guest's write rate during a snapshot as a ratio to
     /// without, write throughput, fault latency p50/p99, stall vs stopping for the whole save.
     Snapshot(crate::bench::snapshot::SnapshotArgs),
+    /// Local migration (x-ignore-shared) downtime and total time for several guest sizes,
+    /// against a copying migration of the smallest guest in the same run.
+    Local(crate::bench::local::LocalArgs),
 }
 
 /// Arguments of `ferry bench boot`.
@@ -70,6 +73,7 @@ pub fn run(a: BenchArgs) -> i32 {
         BenchCommand::Boot(b) => boot(b),
         BenchCommand::Migrate(m) => crate::bench::migrate::main(m),
         BenchCommand::Snapshot(s) => crate::bench::snapshot::main(s),
+        BenchCommand::Local(l) => crate::bench::local::main(l),
     }
 }
 

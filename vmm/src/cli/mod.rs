@@ -7,6 +7,7 @@ pub mod objects;
 pub mod probe;
 pub mod qmp_cmd;
 pub mod run;
+pub mod upgrade;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +35,9 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// End-to-end figures of real ferry processes (`ferry bench boot`).
     Bench(bench::BenchArgs),
+    /// Replace a running Ferry by a new process (a newer binary) with a local migration:
+    /// the guest keeps running and no memory is copied.
+    Upgrade(upgrade::UpgradeArgs),
 }
 
 /// Runs the parsed command line; returns the process exit code.
@@ -45,5 +49,6 @@ pub fn main_with(cli: Cli) -> i32 {
         Command::Migrate(a) => migrate::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Upgrade(a) => upgrade::run(a),
     }
 }

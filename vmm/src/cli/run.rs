@@ -91,7 +91,9 @@ fn parse_dirty_tracking(text: &str) -> Result<DirtyMode, String> {
             .ok_or_else(|| {
                 format!("ring size '{n}' must be a power of two of at least 64 entries")
             }),
-        _ => Err(format!("'{text}' is not bitmap, ring[:ENTRIES] or uffd-async")),
+        _ => Err(format!(
+            "'{text}' is not bitmap, ring[:ENTRIES] or uffd-async"
+        )),
     }
 }
 
