@@ -7,4 +7,7 @@ cargo build --release --workspace --bins
 ./target/release/ferry probe || true
 export FERRY_BIN="$PWD/target/release/ferry"
 export FERRY_PYTHON="$PWD/.venv/bin/python"
-cargo test --release --workspace -- --test-threads="${FERRY_TEST_THREADS:-2}"
+# Each guest test has its own watchdog (tests/src/watchdog.rs); this bounds the whole run
+# so that CI reports a failure instead of hanging if something escapes it.
+timeout --kill-after=30 "${FERRY_TEST_BUDGET_SECS:-2700}" \
+    cargo test --release --workspace -- --test-threads="${FERRY_TEST_THREADS:-2}"

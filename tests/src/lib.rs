@@ -9,6 +9,7 @@ pub mod certs;
 pub mod netns;
 pub mod process;
 pub mod proxy;
+pub mod watchdog;
 
 pub use netns::{host_pair_or_skip, one_guest_test_at_a_time, HostPair};
 pub use process::{Ferry, FerryOptions};

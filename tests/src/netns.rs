@@ -5,6 +5,8 @@
 
 use std::sync::{Mutex, MutexGuard};
 
+use crate::watchdog::{self, Watchdog};
+
 pub use vmm::hostpair::{remove_stale, Host, HostPair, HostPairError, ADDR_A, ADDR_B};
 
 use crate::netns_missing;
@@ -26,8 +28,19 @@ pub fn host_pair_or_skip(test: &str) -> Option<HostPair> {
 }
 
 /// Serializes tests that boot guests: the test machines have few cores, and guests that
-/// compete for them make timings (convergence, rates) meaningless.
-pub fn one_guest_test_at_a_time() -> MutexGuard<'static, ()> {
+/// compete for them make timings (convergence, rates) meaningless. The test is also
+/// watched from then on ([`watchdog`]): one that hangs is made to fail.
+pub fn one_guest_test_at_a_time() -> GuestTestGuard {
     static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+    let lock = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    GuestTestGuard {
+        _watchdog: watchdog::arm(),
+        _lock: lock,
+    }
+}
+
+/// Held by a test that boots guests: the lock on the machine plus the test's watchdog.
+pub struct GuestTestGuard {
+    _watchdog: Watchdog,
+    _lock: MutexGuard<'static, ()>,
 }

@@ -25,7 +25,7 @@ fn ferry_migrate_sets_options_migrates_and_exits_0_only_when_completed() {
         .arg(&src.qmp_path)
         .arg(&uri)
         .args(["--caps", "events,pause-before-switchover=off"])
-        .args(["--set", "max-bandwidth=64M", "--set", "downtime-limit=250"])
+        .args(["--set", "max-bandwidth=512M", "--set", "downtime-limit=250"])
         .output()
         .expect("run ferry migrate");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -50,7 +50,7 @@ fn ferry_migrate_sets_options_migrates_and_exits_0_only_when_completed() {
         "{stderr}"
     );
     let params = src.cmd("query-migrate-parameters", json!({}));
-    assert_eq!(params["max-bandwidth"], 64 << 20);
+    assert_eq!(params["max-bandwidth"], 512 << 20);
     assert_eq!(params["downtime-limit"], 250);
     let caps = src.cmd("query-migrate-capabilities", json!({}));
     let events = caps
