@@ -97,7 +97,9 @@ fn kill_descendants() -> usize {
     }
     let mut killed = 0;
     for &pid in &family[1..] {
-        let Ok(pid) = i32::try_from(pid) else { continue };
+        let Ok(pid) = i32::try_from(pid) else {
+            continue;
+        };
         // SAFETY: kill(2) with a pid read from /proc and a valid signal number touches no memory.
         if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
             killed += 1;
@@ -121,7 +123,10 @@ mod tests {
         drop(dog);
         assert!(status.success());
 
-        let mut child = Command::new("sleep").arg("30").spawn().expect("spawn sleep");
+        let mut child = Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
         let start = Instant::now();
         let dog = arm_for(Duration::from_millis(200));
         let status = child.wait().expect("wait for sleep");
