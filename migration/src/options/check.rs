@@ -117,12 +117,17 @@ pub fn check_capabilities(
     }
 
     if new.get(C::BackgroundSnapshot) {
-        let support = ctx.host.write_tracking();
-        if support < WriteTrackingSupport::Available {
-            return Err(OptionsError::BackgroundSnapshotNoKernelSupport);
-        }
-        if support < WriteTrackingSupport::Compatible {
-            return Err(OptionsError::BackgroundSnapshotMemory);
+        // The probe registers all guest memory with userfaultfd, which stalls a large
+        // guest's vCPUs for a moment: only when the capability is being switched on (the
+        // memory layout does not change while it stays on).
+        if !old.get(C::BackgroundSnapshot) {
+            let support = ctx.host.write_tracking();
+            if support < WriteTrackingSupport::Available {
+                return Err(OptionsError::BackgroundSnapshotNoKernelSupport);
+            }
+            if support < WriteTrackingSupport::Compatible {
+                return Err(OptionsError::BackgroundSnapshotMemory);
+            }
         }
         if let Some(conflict) = BACKGROUND_SNAPSHOT_CONFLICTS
             .into_iter()
@@ -520,6 +525,16 @@ mod tests {
             "ok"
         );
         assert!(!host.asked_wt.get());
+        // Already on: setting other capabilities does not probe again.
+        let on = caps(&[Capability::BackgroundSnapshot]);
+        assert_eq!(text(check_capabilities(&on, &on, &ctx)), "ok");
+        assert!(!host.asked_wt.get());
+        // Switching it on probes (and here fails).
+        assert_eq!(
+            text(check_capabilities(&Capabilities::new(), &on, &ctx)),
+            "Background-snapshot is not supported by host kernel"
+        );
+        assert!(host.asked_wt.get());
     }
 
     #[test]

@@ -52,6 +52,39 @@ pub enum UffdError {
         missing: u64,
     },
     /// An operation of the `userfaultfd` crate failed.
-    #[error("userfaultfd operation failed: {0}")]
+    #[error("userfaultfd operation failed: {}", crate_error_text(.0))]
     Op(#[from] userfaultfd::Error),
+}
+
+/// The `userfaultfd` crate's message with the errno it carries (its `Display` leaves out
+/// the cause of "System error" and "Copy failed").
+fn crate_error_text(e: &userfaultfd::Error) -> String {
+    match e {
+        userfaultfd::Error::SystemError(errno) => format!("{e}: {errno}"),
+        userfaultfd::Error::CopyFailed(errno) => format!("{e}: {errno}"),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_operation_says_which_errno() {
+        let opened = match open::open(0) {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("SKIP a_failed_operation_says_which_errno: {e}");
+                return;
+            }
+        };
+        // An unaligned range: the kernel answers EINVAL.
+        let err = opened
+            .uffd
+            .register(1usize as *mut libc::c_void, 4096)
+            .expect_err("an unaligned range cannot be registered");
+        let text = UffdError::from(err).to_string();
+        assert!(text.contains("Invalid argument"), "{text}");
+    }
 }
