@@ -82,7 +82,7 @@ mod tests {
         // An unaligned range: the kernel answers EINVAL.
         let err = opened
             .uffd
-            .register(1usize as *mut libc::c_void, 4096)
+            .register(4097usize as *mut libc::c_void, 4096)
             .expect_err("an unaligned range cannot be registered");
         let text = UffdError::from(err).to_string();
         assert!(text.contains("Invalid argument"), "{text}");
