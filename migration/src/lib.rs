@@ -4,6 +4,8 @@
 //! - [`options`]: QEMU's migration capabilities and parameters, their
 //!   compatibility rules, range checks and error texts, and the hooks through
 //!   which a changed setting reaches a running migration.
+//! - [`postcopy`]: postcopy live migration over userfaultfd (switch, page requests, preempt
+//!   channel, blocktime, pause and recovery).
 //! - [`qapi`]: QAPI input-visitor semantics for QMP arguments, with QEMU's error texts.
 //! - [`stream`]: the migration stream format (header, frames, RAM records, replies).
 //! - [`transport`]: migration URIs, connecting and listening.
@@ -19,6 +21,7 @@ pub mod events;
 pub mod info;
 pub mod multifd;
 pub mod options;
+pub mod postcopy;
 pub mod qapi;
 pub mod rate_limit;
 pub mod snapshot;

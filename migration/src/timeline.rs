@@ -183,7 +183,8 @@ pub struct Timeline {
     /// start; before, when pre-switchover or device was entered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switchover_ms: Option<f64>,
-    /// The guest's downtime: query-migrate's `downtime`, ending at completion.
+    /// The guest's downtime: query-migrate's `downtime`, ending at completion (after a
+    /// postcopy phase: starting at the switchover).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_interval: Option<Interval>,
     /// Final `setup-time`, ms.
@@ -281,6 +282,7 @@ struct Inner {
     last_sample_at: Option<Instant>,
     last_status: Option<MigrationStatus>,
     last_throttle: u8,
+    postcopy: bool,
     closed: bool,
 }
 
@@ -313,6 +315,7 @@ impl Recorder {
                 last_sample_at: None,
                 last_status: None,
                 last_throttle: 0,
+                postcopy: false,
                 closed: false,
             }),
         }
@@ -408,6 +411,8 @@ impl Recorder {
         }
         inner.last_status = Some(st.status);
         inner.last_throttle = st.cpu_throttle_percentage;
+        inner.postcopy |= st.status.in_postcopy();
+        let postcopy = inner.postcopy;
         let tl = &mut inner.timeline;
         if kind == SampleKind::Sync {
             tl.passes += 1;
@@ -430,15 +435,24 @@ impl Recorder {
             tl.total_time = Some(st.total_time_ms);
             tl.error_desc = st.error_desc.clone();
             if st.status == MigrationStatus::Completed {
-                // Downtime ends as the migration completes: the guest stopped `downtime`
-                // before.
                 tl.downtime = Some(st.downtime_ms);
-                let start_ms = (t_ms - st.downtime_ms as f64).max(0.0);
-                tl.switchover_ms = Some(start_ms);
-                tl.downtime_interval = Some(Interval {
-                    start_ms,
-                    end_ms: t_ms,
-                });
+                let downtime = st.downtime_ms as f64;
+                let interval = match (postcopy, tl.switchover_ms) {
+                    // Postcopy: the guest stopped at the switchover and ran again on the
+                    // destination `downtime` later, long before the migration completed.
+                    (true, Some(start_ms)) => Interval {
+                        start_ms,
+                        end_ms: (start_ms + downtime).min(t_ms),
+                    },
+                    // Precopy: downtime ends as the migration completes; the guest stopped
+                    // `downtime` before.
+                    _ => Interval {
+                        start_ms: (t_ms - downtime).max(0.0),
+                        end_ms: t_ms,
+                    },
+                };
+                tl.switchover_ms = Some(interval.start_ms);
+                tl.downtime_interval = Some(interval);
             }
             inner.closed = true;
         }
@@ -642,6 +656,24 @@ mod tests {
         assert_eq!(d.start_ms, sw);
         assert_eq!(d.end_ms, last.t_ms, "downtime ends at completion");
         assert!((d.end_ms - d.start_ms - 12.0).abs() < 1e-9, "{d:?}");
+    }
+
+    #[test]
+    fn after_postcopy_the_downtime_starts_at_the_switchover() {
+        let r = Recorder::new(Instant::now(), TimelineSettings::default());
+        for status in [MigrationStatus::Active, MigrationStatus::Device] {
+            r.record(SampleKind::Status, None, || state(status, 10, 1, 0));
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        for status in [MigrationStatus::PostcopyActive, MigrationStatus::Completed] {
+            r.record(SampleKind::Status, None, || state(status, 20, 2, 0));
+        }
+        let t = r.timeline();
+        let device = t.samples[1].t_ms;
+        let d = t.downtime_interval.unwrap();
+        assert_eq!(d.start_ms, device);
+        assert_eq!(d.end_ms, device + 12.0);
+        assert_eq!(t.switchover_ms, Some(device));
     }
 
     #[test]

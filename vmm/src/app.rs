@@ -108,6 +108,16 @@ impl Vmm {
 
     /// Blocks until [`Vmm::request_exit`] or `poll` returns Some; returns the exit code.
     pub fn wait_exit(&self, poll: impl Fn() -> Option<i32>) -> i32 {
+        let code = self.wait_exit_code(poll);
+        // Threads blocked on pages a postcopy migration never delivered must not hold up
+        // the exit.
+        if let Some(i) = self.incoming.lock().ok().and_then(|i| i.clone()) {
+            i.abandon_postcopy();
+        }
+        code
+    }
+
+    fn wait_exit_code(&self, poll: impl Fn() -> Option<i32>) -> i32 {
         let mut e = self.exit.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(code) = *e {
@@ -148,9 +158,9 @@ impl Vmm {
             MachineDest::new(self.machine.clone(), self.uuid, self.autostart)
                 .with_populate(populate.clone()),
         );
-        let incoming = Incoming::start(
+        let incoming = Incoming::start_with_hooks(
             uri,
-            dest,
+            dest.clone(),
             self.options.clone(),
             Arc::new(self.events.clone()),
             fresh,
@@ -170,6 +180,7 @@ impl Vmm {
                     }
                 }
             }),
+            dest,
         )
         .map_err(|e| e.to_string())?;
         if let Some(port) = incoming.port() {

@@ -72,6 +72,12 @@ pub fn command_table(vmm: &Arc<Vmm>) -> CommandTable {
             if migration_running(&v) {
                 return Err(QmpError::generic(MIGRATION_ACTIVE));
             }
+            if outgoing(&v).is_some_and(|o| o.postcopy_committed()) {
+                // See migration::postcopy: two running copies must never exist.
+                return Err(QmpError::generic(
+                    "the guest was handed over to the destination in postcopy: it cannot run here again",
+                ));
+            }
             v.machine.resume().map(|_| json!({})).map_err(generic)
         }
     });
@@ -153,10 +159,68 @@ pub fn command_table(vmm: &Arc<Vmm>) -> CommandTable {
     let v = vmm.clone();
     t.register_no_args("migrate_cancel", move || {
         if let Some(o) = outgoing(&v) {
-            o.cancel();
+            o.try_cancel().map_err(QmpError::generic)?;
         }
         crate::snapshot::cancel(&v);
         Ok(json!({}))
+    });
+
+    let v = vmm.clone();
+    t.register_no_args("migrate-start-postcopy", move || match outgoing(&v) {
+        Some(o) => o
+            .start_postcopy()
+            .map(|_| json!({}))
+            .map_err(QmpError::generic),
+        None if !v
+            .options
+            .caps()
+            .get(migration::options::Capability::PostcopyRam) =>
+        {
+            Err(QmpError::generic(
+                "Enable postcopy with migrate_set_capability before the start of migration",
+            ))
+        }
+        None => Err(QmpError::generic(
+            "Postcopy must be started after migration has been started",
+        )),
+    });
+
+    let v = vmm.clone();
+    t.register_oob("migrate-pause", move |args| {
+        Args::new(&args).finish().map_err(qapi)?;
+        if let Some(o) = outgoing(&v).filter(|o| o.status() == MigrationStatus::PostcopyActive) {
+            return o
+                .pause()
+                .map(|_| json!({}))
+                .map_err(|_| QmpError::generic("Failed to pause source migration"));
+        }
+        let incoming = v.incoming.lock().ok().and_then(|i| i.clone());
+        if let Some(i) = incoming.filter(|i| i.status() == MigrationStatus::PostcopyActive) {
+            return i
+                .pause()
+                .map(|_| json!({}))
+                .map_err(|_| QmpError::generic("Failed to pause destination migration"));
+        }
+        Err(QmpError::generic(
+            "migrate-pause is currently only supported during postcopy-active state",
+        ))
+    });
+
+    let v = vmm.clone();
+    t.register_oob("migrate-recover", move |args| {
+        let mut a = Args::new(&args);
+        let uri = a.req_str("uri").map_err(qapi)?;
+        a.finish().map_err(qapi)?;
+        let uri: MigrationUri = uri.parse().map_err(generic)?;
+        match v.incoming.lock().ok().and_then(|i| i.clone()) {
+            Some(i) => i
+                .recover(&uri)
+                .map(|_| json!({}))
+                .map_err(QmpError::generic),
+            None => Err(QmpError::generic(
+                "Migrate recover can only be run when postcopy is paused.",
+            )),
+        }
     });
 
     let v = vmm.clone();
@@ -197,6 +261,16 @@ pub fn command_table(vmm: &Arc<Vmm>) -> CommandTable {
                 "x-ferry-multifd".into(),
                 serde_json::to_value(report).map_err(generic)?,
             );
+        }
+        // Ferry's extension: postcopy figures (destination: faults, requests, the fault
+        // round trip; source: pages sent on request, pages released).
+        let incoming = v.incoming.lock().ok().and_then(|i| i.clone());
+        let postcopy = match incoming.and_then(|i| i.postcopy_stats()) {
+            Some(stats) => Some(serde_json::to_value(stats).map_err(generic)?),
+            None => outgoing(&v).and_then(|o| o.postcopy_report()),
+        };
+        if let (Some(p), Value::Object(map)) = (postcopy, &mut value) {
+            map.insert("x-ferry-postcopy".into(), p);
         }
         // Ferry's extension: the downtime to the microsecond (local migrations take less
         // than the millisecond `downtime` can show).
@@ -330,12 +404,16 @@ fn migrate(vmm: &Arc<Vmm>, args: &Map<String, Value>) -> Result<Value, QmpError>
             "QEMU compiled without old-style (blk/-b, inc/-i) block migration",
         ));
     }
-    if resume {
-        return Err(QmpError::generic(
-            "Cannot resume if there is no paused migration",
-        ));
-    }
     let uri = uri.ok_or_else(|| QmpError::generic("Parameter 'uri' is missing"))?;
+    if resume {
+        let uri: MigrationUri = uri.parse().map_err(generic)?;
+        return match outgoing(vmm) {
+            Some(o) => o.resume(uri).map(|_| json!({})).map_err(QmpError::generic),
+            None => Err(QmpError::generic(
+                "Cannot resume if there is no paused migration",
+            )),
+        };
+    }
     if vmm.machine.run_state() == RunState::InMigrate {
         return Err(QmpError::generic(
             "Guest is waiting for an incoming migration",

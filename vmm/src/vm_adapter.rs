@@ -149,6 +149,53 @@ pub struct MachineDest {
     populate: PopulateSlot,
 }
 
+impl migration::postcopy::DestHooks for MachineDest {
+    fn before_postcopy(&self) {
+        // A populate thread would refill discarded pages with zeros no fault replaces.
+        let populate = self.populate.lock().ok().and_then(|mut p| p.take());
+        if let Some(p) = populate {
+            if let Err(e) = p.finish() {
+                eprintln!("ferry: populating guest memory ahead of the migration failed: {e}");
+            }
+        }
+    }
+
+    fn vcpu_thread_ids(&self) -> Vec<i32> {
+        vcpu_thread_ids(self.machine.vcpus().len())
+    }
+}
+
+/// Linux thread ids of this process's vCPU threads (named `vcpu0`, `vcpu1`, ...) in vCPU
+/// order; 0 for a vCPU whose thread was not found.
+pub fn vcpu_thread_ids(vcpus: usize) -> Vec<i32> {
+    let mut ids = vec![0; vcpus];
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return ids;
+    };
+    for entry in dir.flatten() {
+        let Some(tid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) else {
+            continue;
+        };
+        if let Some(i) = comm
+            .trim()
+            .strip_prefix("vcpu")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            if let Some(slot) = ids.get_mut(i) {
+                *slot = tid;
+            }
+        }
+    }
+    ids
+}
+
 /// The background populate of an incoming guest's memory, stopped before the memory is
 /// replaced by a local migration's (and reported when the migration ends).
 pub type PopulateSlot = Arc<std::sync::Mutex<Option<ram::BackgroundPopulate>>>;

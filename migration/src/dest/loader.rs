@@ -5,9 +5,11 @@ use std::sync::Arc;
 use ram::{is_zero_page, page_hash, AtomicBitmap, GuestRam, PAGE_SHIFT, PAGE_SIZE};
 
 use crate::error::{MigrationError, Result};
+use crate::postcopy::wire::Listen;
 use crate::stream::frame::{Frame, FrameKind, FrameReader, StreamSource};
 use crate::stream::header::{Header, FEATURE_VALIDATE_UUID};
 use crate::stream::ram::{RamDirectory, RamRecord};
+use crate::stream::ranges::{decode_ranges, ranges_of, PageRange};
 use crate::stream::StreamError;
 use crate::vm::DestVm;
 
@@ -96,6 +98,11 @@ impl PageBook {
     /// Whether the last copy of `page` did not match its hash.
     pub fn is_suspect(&self, page: u64) -> bool {
         self.suspect.get(page)
+    }
+
+    /// The pages whose last copy did not match its hash (postcopy fetches them again).
+    pub fn suspect_ranges(&self) -> Vec<PageRange> {
+        ranges_of(&self.suspect)
     }
 
     /// Makes `page` of `ram` read as zeros (writing only when it may not already).
@@ -268,8 +275,40 @@ pub fn load_stream<R: StreamSource>(
     loader: &mut RamLoader<'_>,
     progress: &mut dyn LoadProgress,
 ) -> Result<Vec<u8>> {
+    match load_stream_until(reader, loader, progress)? {
+        LoadEnd::Complete(state) => Ok(state),
+        LoadEnd::Postcopy { .. } => Err(StreamError::Invalid(
+            "a switch to postcopy in a stream that cannot carry one".into(),
+        )
+        .into()),
+    }
+}
+
+/// How the precopy part of a stream ended.
+#[derive(Debug)]
+pub enum LoadEnd {
+    /// END: everything arrived; the state payload.
+    Complete(Vec<u8>),
+    /// POSTCOPY_LISTEN: the source switched to postcopy (see [`crate::postcopy`]).
+    Postcopy {
+        /// The state payload.
+        state: Vec<u8>,
+        /// Pages to drop and fetch again (the DISCARD frames).
+        discard: Vec<PageRange>,
+        /// The switch.
+        listen: Listen,
+    },
+}
+
+/// Reads frames until END or POSTCOPY_LISTEN.
+pub fn load_stream_until<R: StreamSource>(
+    reader: &mut FrameReader<R>,
+    loader: &mut RamLoader<'_>,
+    progress: &mut dyn LoadProgress,
+) -> Result<LoadEnd> {
     let ram_size = loader.ram.size();
     let mut state: Option<Vec<u8>> = None;
+    let mut discard: Vec<PageRange> = Vec::new();
     loop {
         match reader.next(ram_size)? {
             Frame::Ram(dir) => loader.apply(reader, &dir)?,
@@ -290,10 +329,30 @@ pub fn load_stream<R: StreamSource>(
             Frame::Other(FrameKind::End, _) => {
                 progress.end()?;
                 loader.check_complete()?;
-                return state.ok_or_else(|| {
+                return state.map(LoadEnd::Complete).ok_or_else(|| {
                     StreamError::Invalid("the stream ended without vCPU and device state".into())
                         .into()
                 });
+            }
+            Frame::Other(FrameKind::Discard, payload) => {
+                discard.extend(decode_ranges(payload, ram_size >> PAGE_SHIFT)?);
+            }
+            Frame::Other(FrameKind::PostcopyListen, payload) => {
+                let listen = Listen::decode(payload)?;
+                let state = state.ok_or_else(|| {
+                    StreamError::Invalid("POSTCOPY_LISTEN before the vCPU and device state".into())
+                })?;
+                return Ok(LoadEnd::Postcopy {
+                    state,
+                    discard,
+                    listen,
+                });
+            }
+            Frame::Other(kind @ (FrameKind::PostcopyRun | FrameKind::PostcopyHello), _) => {
+                return Err(StreamError::Invalid(format!(
+                    "{kind:?} frame before the switch to postcopy"
+                ))
+                .into());
             }
             Frame::Other(FrameKind::Ram, _) => {
                 return Err(StreamError::Invalid("malformed RAM frame".into()).into());

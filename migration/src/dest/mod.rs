@@ -14,25 +14,31 @@ use crate::info::{DestinationState, MigrationStatus, SocketAddress};
 use crate::multifd::recv::{accept_channels, check_settings, LocalSettings};
 use crate::multifd::{Method, MultifdReceiver};
 use crate::options::{Capability, MigrationOptions};
+use crate::postcopy::{DestControl, DestHooks, NoHooks, PostcopyDestStats};
 use crate::stream::frame::FrameReader;
-use crate::stream::header::{Header, FEATURE_IGNORE_SHARED, FEATURE_SWITCHOVER_ACK};
+use crate::stream::header::{
+    Header, FEATURE_IGNORE_SHARED, FEATURE_POSTCOPY, FEATURE_SWITCHOVER_ACK,
+};
 use crate::stream::Reply;
 use crate::transport::{Channel, Listener, MigrationUri};
 use crate::vm::DestVm;
-use loader::{check_header, load_stream, LoadProgress, RamLoader};
+use loader::{check_header, load_stream_until, LoadEnd, LoadProgress, RamLoader};
 
 /// Called once when the incoming migration ends: Ok when the guest runs here now.
 pub type DoneCallback = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
 
-struct DestShared {
+/// State shared by the incoming thread, QMP and postcopy's threads.
+pub(crate) struct DestShared {
     status: Mutex<(MigrationStatus, Option<String>)>,
     events: Arc<dyn MigrationEvents>,
-    options: Arc<MigrationOptions>,
+    pub(crate) options: Arc<MigrationOptions>,
     address: Vec<SocketAddress>,
+    pub(crate) postcopy: DestControl,
 }
 
 impl DestShared {
-    fn set_status(&self, s: MigrationStatus) {
+    /// Moves to `s`, emitting a MIGRATION event when the events capability is on.
+    pub(crate) fn set_status(&self, s: MigrationStatus) {
         if let Ok(mut st) = self.status.lock() {
             st.0 = s;
         }
@@ -116,6 +122,20 @@ impl Incoming {
         fresh_ram: bool,
         done: DoneCallback,
     ) -> Result<Arc<Incoming>> {
+        Self::start_with_hooks(uri, vm, options, events, fresh_ram, done, Arc::new(NoHooks))
+    }
+
+    /// [`Incoming::start`] with the VMM's postcopy hooks (stopping helpers that touch guest
+    /// memory, naming vCPU threads for blocktime).
+    pub fn start_with_hooks(
+        uri: &MigrationUri,
+        vm: Arc<dyn DestVm>,
+        options: Arc<MigrationOptions>,
+        events: Arc<dyn MigrationEvents>,
+        fresh_ram: bool,
+        done: DoneCallback,
+        hooks: Arc<dyn DestHooks>,
+    ) -> Result<Arc<Incoming>> {
         let listener = Listener::bind(uri)?;
         let port = listener.local_port();
         let shared = Arc::new(DestShared {
@@ -123,13 +143,14 @@ impl Incoming {
             events,
             options,
             address: socket_address(uri, port),
+            postcopy: DestControl::default(),
         });
         shared.set_status(MigrationStatus::Setup);
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("migration-in".into())
             .spawn(move || {
-                let result = receive(&s, &listener, vm.as_ref(), fresh_ram);
+                let result = receive(&s, &listener, vm.as_ref(), hooks.as_ref(), fresh_ram);
                 drop(listener);
                 match result {
                     Ok(()) => {
@@ -172,13 +193,60 @@ impl Incoming {
             .lock()
             .map(|s| s.clone())
             .unwrap_or((MigrationStatus::Failed, None));
+        let blocktime = self
+            .shared
+            .options
+            .caps()
+            .get(Capability::PostcopyBlocktime)
+            .then(|| self.shared.postcopy.tracker())
+            .flatten()
+            .and_then(|t| t.blocktime());
         DestinationState {
             status,
             socket_address: self.shared.address.clone(),
-            postcopy_blocktime: None,
-            postcopy_vcpu_blocktime: None,
+            postcopy_blocktime: blocktime.as_ref().map(|b| b.total_ms),
+            postcopy_vcpu_blocktime: blocktime.map(|b| b.per_vcpu_ms),
             error_desc: error,
         }
+    }
+
+    /// Postcopy figures of this incoming migration (once it switched to postcopy).
+    pub fn postcopy_stats(&self) -> Option<PostcopyDestStats> {
+        self.shared.postcopy.tracker().map(|t| t.stats())
+    }
+
+    /// `migrate-recover`: listen on `uri` for the source's recovery connection.
+    pub fn recover(&self, uri: &MigrationUri) -> std::result::Result<(), String> {
+        if self.status() != MigrationStatus::PostcopyPaused {
+            return Err("Migrate recover can only be run when postcopy is paused.".into());
+        }
+        let listener = Listener::bind(uri).map_err(|e| e.to_string())?;
+        if let Some(port) = listener.local_port() {
+            eprintln!("ferry: waiting for the source to resume postcopy on port {port}");
+        }
+        self.shared.postcopy.recover(listener);
+        Ok(())
+    }
+
+    /// The process is exiting: if postcopy is under way (the guest is lost anyway), lets
+    /// every thread blocked on a missing page go (see [`DestControl::abandon`]).
+    pub fn abandon_postcopy(&self) {
+        if self.shared.postcopy.abandon() {
+            eprintln!(
+                "ferry: exiting during postcopy: {}",
+                crate::postcopy::GUEST_LOST
+            );
+        }
+    }
+
+    /// `migrate-pause` on the destination: breaks the connections of a postcopy migration.
+    pub fn pause(&self) -> std::result::Result<(), String> {
+        if self.status() != MigrationStatus::PostcopyActive || !self.shared.postcopy.pause() {
+            return Err(
+                "migrate-pause is currently only supported during postcopy-active state".into(),
+            );
+        }
+        Ok(())
     }
 
     /// Waits for the incoming thread to end.
@@ -194,6 +262,7 @@ fn receive(
     shared: &DestShared,
     listener: &Listener,
     vm: &dyn DestVm,
+    hooks: &dyn DestHooks,
     fresh_ram: bool,
 ) -> Result<()> {
     let options = shared.options.clone();
@@ -213,9 +282,12 @@ fn receive(
         };
     let result = load(
         ch,
-        listener,
-        &options,
-        &security,
+        Env {
+            shared,
+            listener,
+            security: &security,
+            hooks,
+        },
         reply_ch.as_mut(),
         vm,
         fresh_ram,
@@ -228,18 +300,33 @@ fn receive(
     result
 }
 
+/// What a load works with beside the stream.
+struct Env<'a> {
+    shared: &'a DestShared,
+    listener: &'a Listener,
+    security: &'a crate::transport::tls::Security,
+    hooks: &'a dyn DestHooks,
+}
+
 fn load(
     ch: Channel,
-    listener: &Listener,
-    options: &MigrationOptions,
-    security: &crate::transport::tls::Security,
+    env: Env<'_>,
     mut reply_ch: Option<&mut Channel>,
     vm: &dyn DestVm,
     fresh_ram: bool,
 ) -> Result<()> {
+    let (options, listener, security) = (&*env.shared.options, env.listener, env.security);
     let mut reader = FrameReader::new(ch);
     let header = Header::read_from(reader.get_mut())?;
     check_header(&header, vm)?;
+    if header.has(FEATURE_POSTCOPY) {
+        // Refuse early what could not switch later.
+        if let Some(why) =
+            crate::postcopy::registration::unsupported_backing(vm.ram().backing_kind())
+        {
+            return Err(crate::postcopy::PostcopyError::Unsupported(why).into());
+        }
+    }
     if header.has(FEATURE_IGNORE_SHARED) {
         return local::load(reader, options, reply_ch, vm);
     }
@@ -274,14 +361,48 @@ fn load(
         ch: reply_ch.as_deref_mut(),
         multifd: multifd.as_mut(),
     };
-    let loaded = load_stream(&mut reader, &mut loader, &mut progress);
-    let state = match (loaded, multifd.as_ref().and_then(|m| m.error())) {
+    let loaded = load_stream_until(&mut reader, &mut loader, &mut progress);
+    let end = match (loaded, multifd.as_ref().and_then(|m| m.error())) {
         // A failing channel stops the main stream; its error is the real cause.
         (Err(_), Some(e)) => return Err(e),
         (r, _) => r?,
     };
     drop(multifd);
-    finish(&mut reader, &state, reply_ch, vm)
+    match end {
+        LoadEnd::Complete(state) => finish(&mut reader, &state, reply_ch, vm),
+        LoadEnd::Postcopy {
+            state,
+            discard,
+            listen,
+        } => {
+            let reply = reply_ch
+                .ok_or_else(|| {
+                    MigrationError::Config("postcopy needs a return path to the source".into())
+                })?
+                .try_clone()
+                .map_err(|e| {
+                    MigrationError::Vm(format!("cannot clone the migration socket: {e}"))
+                })?;
+            let suspect = loader.book().suspect_ranges();
+            crate::postcopy::incoming::run(
+                &crate::postcopy::incoming::Ctx {
+                    shared: env.shared,
+                    listener,
+                    security,
+                    vm,
+                    hooks: env.hooks,
+                },
+                reader,
+                reply,
+                crate::postcopy::incoming::Switch {
+                    state,
+                    discard,
+                    listen,
+                    suspect,
+                },
+            )
+        }
+    }
 }
 
 /// Loads the state, confirms (LOADED), waits for the source's COMMIT and starts the guest.

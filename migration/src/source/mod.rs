@@ -59,6 +59,8 @@ pub(crate) struct Shared {
     start: Instant,
     caps: Capabilities,
     timeline: crate::timeline::Recorder,
+    /// Postcopy: the switch request, the commit, pause and resume.
+    pub(crate) postcopy: crate::postcopy::SourceControl,
 }
 
 impl Shared {
@@ -91,6 +93,16 @@ impl Shared {
 
     pub(crate) fn status(&self) -> MigrationStatus {
         self.lock_status().status
+    }
+
+    /// Records `text` as the error (replacing any), e.g. why postcopy paused.
+    pub(crate) fn set_error_text(&self, text: &str) {
+        self.lock_status().error = Some(text.to_string());
+    }
+
+    /// Forgets the recorded error (postcopy resumed).
+    pub(crate) fn clear_error(&self) {
+        self.lock_status().error = None;
     }
 
     pub(crate) fn set_error(&self, e: &MigrationError) {
@@ -287,6 +299,11 @@ impl OptionsHooks for Hooks {
         self.0.limiter.set_limit(bytes_per_second);
     }
 
+    fn max_postcopy_bandwidth_changed(&self, bytes_per_second: u64) {
+        // The store calls this only in postcopy, where the limiter paces the background pages.
+        self.0.limiter.set_limit(bytes_per_second);
+    }
+
     fn xbzrle_cache_size_changed(&self, bytes: u64) -> Result<(), String> {
         // The migration thread owns the cache; it applies the new size before its next page.
         self.0.live.xbzrle_resize.store(bytes, Ordering::Release);
@@ -343,6 +360,7 @@ impl Outgoing {
                 Instant::now(),
                 timeline_settings(&caps, &params),
             ),
+            postcopy: Default::default(),
         });
         options.set_running(true);
         options.register_hooks(Arc::new(Hooks(shared.clone())));
@@ -396,10 +414,82 @@ impl Outgoing {
         &self.shared.counters
     }
 
-    /// Asks the migration to stop; the source keeps (or resumes) running.
+    /// `migrate_cancel`: refused once in postcopy (the guest may already run on the
+    /// destination, so the source can never resume it), otherwise [`Outgoing::cancel`].
+    pub fn try_cancel(&self) -> Result<(), String> {
+        if self.status().in_postcopy() {
+            return Err("Postcopy migration in progress, cannot cancel.".into());
+        }
+        self.cancel();
+        Ok(())
+    }
+
+    /// `migrate-start-postcopy`: switch to postcopy as soon as the migration thread can
+    /// (no error once the migration ended: that would race with the command, as in QEMU).
+    pub fn start_postcopy(&self) -> Result<(), String> {
+        if !self.shared.caps.get(Capability::PostcopyRam) {
+            return Err(
+                "Enable postcopy with migrate_set_capability before the start of migration".into(),
+            );
+        }
+        if let MigrationUri::File { .. } = self.uri {
+            return Err(
+                "postcopy needs a return path from the destination: a file: migration cannot switch to postcopy"
+                    .into(),
+            );
+        }
+        self.shared.postcopy.request();
+        if self.status() == MigrationStatus::Active {
+            // A sender waiting for bandwidth notices the switch at once.
+            self.shared.limiter.lift();
+        }
+        Ok(())
+    }
+
+    /// `migrate-pause` on the source: breaks the connections of a postcopy migration (both
+    /// sides then enter postcopy-paused).
+    pub fn pause(&self) -> Result<(), String> {
+        if self.status() != MigrationStatus::PostcopyActive || !self.shared.postcopy.pause() {
+            return Err(
+                "migrate-pause is currently only supported during postcopy-active state".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// `migrate {"uri": ..., "resume": true}`: resumes a paused postcopy migration over a
+    /// new connection to `uri`.
+    pub fn resume(&self, uri: MigrationUri) -> Result<(), String> {
+        if self.status() != MigrationStatus::PostcopyPaused {
+            return Err("Cannot resume if there is no paused migration".into());
+        }
+        self.shared.postcopy.resume(uri);
+        Ok(())
+    }
+
+    /// Whether the guest was handed over in postcopy: it must never run here again.
+    pub fn postcopy_committed(&self) -> bool {
+        self.shared.postcopy.committed()
+    }
+
+    /// Postcopy figures of the source: pages sent because the destination asked for them,
+    /// pages released by release-ram.
+    pub fn postcopy_report(&self) -> Option<serde_json::Value> {
+        self.shared.postcopy.committed().then(|| {
+            json!({
+                "switch-us": self.shared.postcopy.switch_us(),
+                "urgent-pages": self.shared.postcopy.urgent_pages(),
+                "released-pages": self.shared.postcopy.released_pages(),
+                "requests": self.shared.counters.ram_stats(&RamTotals::default()).postcopy_requests,
+            })
+        })
+    }
+
+    /// Asks the migration to stop; the source keeps (or resumes) running. Does nothing once
+    /// the migration is in postcopy (see [`Outgoing::try_cancel`]).
     pub fn cancel(&self) {
         let st = self.status();
-        if !st.is_running() {
+        if !st.is_running() || st.in_postcopy() || self.shared.postcopy.committed() {
             return;
         }
         self.shared.cancel.store(true, Ordering::Release);

@@ -58,6 +58,10 @@ pub(super) fn run(shared: Arc<Shared>, uri: MigrationUri) {
                     eprintln!("ferry: could not resume the guest after a failed migration: {r}");
                 }
             }
+            if shared.postcopy.committed() {
+                // The guest was handed over: it never runs here again (see crate::postcopy).
+                shared.vm.migrated_away();
+            }
             if shared.cancelled() {
                 shared.set_status(MigrationStatus::Cancelled);
             } else {
@@ -75,6 +79,7 @@ pub(super) fn run(shared: Arc<Shared>, uri: MigrationUri) {
     {
         ch.shutdown();
     }
+    shared.options.set_in_postcopy(false);
     shared.options.set_running(false);
 }
 
@@ -349,6 +354,11 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
     if multifd.is_some() {
         features |= FEATURE_MULTIFD;
     }
+    // Postcopy may follow (migrate-start-postcopy): it needs the return path.
+    let postcopy = caps.get(Capability::PostcopyRam) && bidirectional && multifd.is_none();
+    if postcopy {
+        features |= crate::stream::header::FEATURE_POSTCOPY;
+    }
     // As QEMU: with multifd, pages go through the channels and XBZRLE is not used.
     let mut xbzrle = if caps.get(Capability::Xbzrle) && multifd.is_none() {
         features |= FEATURE_XBZRLE;
@@ -472,7 +482,8 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
                     Phase::Precopy,
                 )
                 .with_tracker(tracker.as_ref())
-                .with_xbzrle(stage);
+                .with_xbzrle(stage)
+                .with_stop(postcopy.then(|| shared.postcopy.flag()));
                 let cur_pending = pending_bytes;
                 if pass == 1 {
                     // Pages never touched read as zero: send them as zero runs without reading
@@ -535,6 +546,9 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
         if shared.cancelled() {
             return Err(MigrationError::Cancelled);
         }
+        if postcopy && shared.postcopy.requested() {
+            break;
+        }
 
         let can_switchover = !want_ack || replies.switchover_acked;
         let decision = switchover_decision(
@@ -557,6 +571,24 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
             passes_under += 1;
         }
         prev_pending = pending_bytes;
+    }
+
+    if postcopy && shared.postcopy.requested() {
+        let rp_rx = replies.rx.take().ok_or_else(|| {
+            MigrationError::Config("postcopy needs a return path from the destination".into())
+        })?;
+        return crate::postcopy::outgoing::run(
+            shared,
+            uri,
+            &security,
+            crate::postcopy::outgoing::Handover {
+                out,
+                rp_rx,
+                bitmap,
+                tracker,
+            },
+            stopped_vcpus,
+        );
     }
 
     // Switchover: the guest stops first (QEMU's finish-migrate), then pre-switchover waits

@@ -55,6 +55,7 @@ pub struct RamSender<'a, 'e, W: Write> {
     xbzrle: Option<XbzrleStage<'e>>,
     /// Pages sent as XBZRLE deltas or found unchanged.
     pub xbzrle_pages: u64,
+    stop: Option<&'a AtomicBool>,
 }
 
 impl<'a, 'e, W: Write> RamSender<'a, 'e, W> {
@@ -86,7 +87,15 @@ impl<'a, 'e, W: Write> RamSender<'a, 'e, W> {
             copy: vec![0u8; PAGE_SIZE],
             xbzrle: None,
             xbzrle_pages: 0,
+            stop: None,
         }
+    }
+
+    /// Makes [`RamSender::send_bitmap`] return early (the pages not sent stay in the bitmap)
+    /// once `stop` is set: a switch to postcopy does not wait for the end of a pass.
+    pub fn with_stop(mut self, stop: Option<&'a AtomicBool>) -> Self {
+        self.stop = stop;
+        self
     }
 
     /// Lets `tracker` re-arm each clear chunk just before its pages are sent.
@@ -328,6 +337,11 @@ impl<'a, 'e, W: Write> RamSender<'a, 'e, W> {
                     return Err(e);
                 }
                 sent += 1;
+                if self.stop.is_some_and(|s| s.load(Ordering::Acquire)) {
+                    bitmap.or_word(w, bits);
+                    self.finish()?;
+                    return Ok(sent);
+                }
                 if sent.is_multiple_of(1024) {
                     between(self.counters)?;
                 }

@@ -27,6 +27,16 @@ pub enum FrameKind {
     State = 3,
     /// End of the stream: u64 pages received expected, u64 reserved.
     End = 4,
+    /// Postcopy: pages the destination must drop and fetch again (page ranges, see
+    /// [`super::ranges`]): never sent, or dirtied since they were sent.
+    Discard = 5,
+    /// Postcopy: switch to postcopy (u64 migration id, u32 flags, u32 reserved); the
+    /// destination registers its memory and answers POSTCOPY_READY.
+    PostcopyListen = 6,
+    /// Postcopy: the source committed; the destination starts the guest (empty).
+    PostcopyRun = 7,
+    /// Postcopy: first frame of a preempt channel or of a recovery connection (u64 id).
+    PostcopyHello = 8,
 }
 
 impl FrameKind {
@@ -36,6 +46,10 @@ impl FrameKind {
             2 => Some(FrameKind::PassEnd),
             3 => Some(FrameKind::State),
             4 => Some(FrameKind::End),
+            5 => Some(FrameKind::Discard),
+            6 => Some(FrameKind::PostcopyListen),
+            7 => Some(FrameKind::PostcopyRun),
+            8 => Some(FrameKind::PostcopyHello),
             _ => None,
         }
     }

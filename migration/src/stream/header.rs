@@ -27,6 +27,12 @@ pub const FEATURE_SNAPSHOT: u32 = 1 << 5;
 pub const FEATURE_COMPRESS: u32 = 1 << 6;
 /// Header feature bit: postcopy may follow.
 pub const FEATURE_POSTCOPY: u32 = 1 << 7;
+/// Header feature bit: this connection resumes a paused postcopy migration (a
+/// POSTCOPY_HELLO frame with the migration's id follows the header).
+pub const FEATURE_POSTCOPY_RESUME: u32 = 1 << 8;
+/// Header feature bit: this connection is a postcopy-preempt channel (urgent pages only;
+/// a POSTCOPY_HELLO frame with the migration's id follows the header).
+pub const FEATURE_PREEMPT_CHANNEL: u32 = 1 << 9;
 
 /// The fixed-size stream header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

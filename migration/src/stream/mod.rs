@@ -40,10 +40,22 @@
 //! reason, SWITCHOVER_ACK); the source answers LOADED with COMMIT. No guest runs on the
 //! destination before COMMIT, and the source never resumes its guest after sending COMMIT,
 //! so a lost message leaves at most one copy of the guest running, never two.
+//!
+//! *Postcopy* (header feature `FEATURE_POSTCOPY`, after `migrate-start-postcopy`) replaces
+//! the END/LOADED/COMMIT ending: the source sends DISCARD frames (page ranges, see
+//! [`ranges`]), STATE and POSTCOPY_LISTEN; the destination answers NEED ranges and
+//! POSTCOPY_READY; the source commits with POSTCOPY_RUN, then sends the remaining pages as
+//! ordinary RAM frames while the destination asks for faulted pages with PAGE_REQUEST
+//! (acknowledging placed pages with RECEIVED for `release-ram`) and ends with
+//! POSTCOPY_DONE. A preempt channel or a recovery connection starts with the same header
+//! (feature `FEATURE_PREEMPT_CHANNEL` / `FEATURE_POSTCOPY_RESUME`) and a POSTCOPY_HELLO
+//! frame naming the migration. The sequence and its guarantees are drawn in
+//! [`crate::postcopy`].
 
 pub mod frame;
 pub mod header;
 pub mod ram;
+pub mod ranges;
 pub mod reply;
 
 pub use frame::{Frame, FrameKind, FrameReader, FrameWriter, StreamSource, MAX_FRAME_PAYLOAD};

@@ -1,0 +1,170 @@
+//! The destination's fault thread: reads missing-page faults from the userfaultfd and
+//! turns them into page requests (QEMU's `postcopy_ram_fault_thread`).
+//!
+//! For each fault it asks the [`PageTracker`] what to do: request a needed page (once, in
+//! one PAGE_REQUEST per batch of faults), or resolve a page the source never has to send
+//! (a page that was never written reads as zero; one placed meanwhile only needs a wake).
+//! While the link is down requests cannot be sent; the tracker remembers them and they are
+//! asked for again after the recovery. Between faults it flushes due acknowledgements.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use super::link::{Acker, ReplyLink};
+use super::pages::{FaultAction, PageTracker};
+use super::registration::{Fault, MissingRegistration, Placement};
+use crate::stream::ranges::ranges_of_pages;
+use crate::stream::Reply;
+
+/// Everything the fault thread works with.
+pub struct FaultContext {
+    /// The registered RAM.
+    pub reg: Arc<MissingRegistration>,
+    /// The page bookkeeping.
+    pub tracker: Arc<PageTracker>,
+    /// Where requests go (the preempt channel with postcopy-preempt, else the return path).
+    pub requests: Arc<ReplyLink>,
+    /// The return path (for acknowledgements).
+    pub main: Arc<ReplyLink>,
+    /// RECEIVED batching.
+    pub acker: Arc<Acker>,
+}
+
+/// A running fault thread.
+pub struct FaultThread {
+    stop: Arc<AtomicBool>,
+    wake: std::os::fd::OwnedFd,
+    thread: Option<JoinHandle<()>>,
+    error: Arc<Mutex<Option<String>>>,
+}
+
+fn eventfd() -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: eventfd(2) takes two integers and returns a new fd or -1.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the fd was just created and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+impl FaultThread {
+    /// Starts the thread.
+    pub fn spawn(ctx: FaultContext) -> std::io::Result<FaultThread> {
+        use std::os::fd::AsRawFd;
+        let stop = Arc::new(AtomicBool::new(false));
+        let wake = eventfd()?;
+        let wake_fd = wake.as_raw_fd();
+        let error = Arc::new(Mutex::new(None));
+        let (s, e) = (stop.clone(), error.clone());
+        let thread = std::thread::Builder::new()
+            .name("postcopy-faults".into())
+            .spawn(move || serve(&ctx, &s, wake_fd, &e))?;
+        Ok(FaultThread {
+            stop,
+            wake,
+            thread: Some(thread),
+            error,
+        })
+    }
+
+    /// The first error the thread met, if any.
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        use std::os::fd::AsRawFd;
+        self.stop.store(true, Ordering::Release);
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a live u64 to an eventfd we own.
+        unsafe {
+            libc::write(
+                self.wake.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            );
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for FaultThread {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Waits until the userfaultfd or the wake fd is readable, or `ms` pass.
+fn wait_readable(uffd: i32, wake: i32, ms: i32) {
+    let mut fds = [
+        libc::pollfd {
+            fd: uffd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `fds` is a live array of two pollfd structs.
+    unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+}
+
+fn serve(ctx: &FaultContext, stop: &AtomicBool, wake_fd: i32, error: &Mutex<Option<String>>) {
+    let mut faults: Vec<Fault> = Vec::with_capacity(64);
+    let mut want: Vec<u64> = Vec::with_capacity(64);
+    let fail = |e: String| {
+        error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(e);
+    };
+    while !stop.load(Ordering::Acquire) {
+        wait_readable(ctx.reg.raw_fd(), wake_fd, 20);
+        faults.clear();
+        if let Err(e) = ctx.reg.read_faults(&mut faults) {
+            fail(format!("reading userfaultfd messages: {e}"));
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        want.clear();
+        for f in &faults {
+            let Some(page) = ctx.reg.page_at(f.addr) else {
+                continue;
+            };
+            match ctx.tracker.fault(page, f.tid) {
+                FaultAction::ResolveLocally => match ctx.reg.place_zero(page) {
+                    Ok(Placement::Placed) => {}
+                    Ok(Placement::AlreadyPresent) => {
+                        if let Err(e) = ctx.reg.wake(page) {
+                            fail(e.to_string());
+                        }
+                    }
+                    Err(e) => fail(e.to_string()),
+                },
+                FaultAction::Request => want.push(page),
+                FaultAction::AlreadyRequested => {}
+            }
+        }
+        if !want.is_empty() {
+            want.sort_unstable();
+            // A request that cannot go out now is asked for again after a recovery.
+            ctx.requests.send_all(&Reply::chunked(
+                &ranges_of_pages(want.iter().copied()),
+                Reply::PageRequest,
+            ));
+        }
+        ctx.acker.flush(&ctx.main, false);
+    }
+}

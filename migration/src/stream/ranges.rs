@@ -1,0 +1,260 @@
+//! Page ranges on the wire: `[first_page u64][count u64]` pairs, little-endian, in RAM-page
+//! numbers (RAM offset / 4096). Postcopy's DISCARD frames and its page requests,
+//! acknowledgements and "still needed" lists all carry them.
+
+use ram::AtomicBitmap;
+
+use super::{Result, StreamError};
+
+/// Bytes of one encoded range.
+pub const RANGE_LEN: usize = 16;
+
+/// `count` pages from page `first`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRange {
+    /// First RAM page number.
+    pub first: u64,
+    /// Number of pages (at least 1).
+    pub count: u64,
+}
+
+impl PageRange {
+    /// The range's pages.
+    pub fn pages(&self) -> std::ops::Range<u64> {
+        self.first..self.first.saturating_add(self.count)
+    }
+}
+
+/// Appends the encoding of `ranges` to `out`.
+pub fn encode_ranges(ranges: &[PageRange], out: &mut Vec<u8>) {
+    out.reserve(ranges.len() * RANGE_LEN);
+    for r in ranges {
+        out.extend_from_slice(&r.first.to_le_bytes());
+        out.extend_from_slice(&r.count.to_le_bytes());
+    }
+}
+
+/// Decodes ranges, refusing empty ranges and ranges reaching past `pages` pages.
+pub fn decode_ranges(b: &[u8], pages: u64) -> Result<Vec<PageRange>> {
+    if !b.len().is_multiple_of(RANGE_LEN) {
+        return Err(StreamError::Invalid(format!(
+            "a page range list of {} bytes (not a multiple of {RANGE_LEN})",
+            b.len()
+        )));
+    }
+    let u = |o: usize| {
+        let mut x = [0u8; 8];
+        x.copy_from_slice(&b[o..o + 8]);
+        u64::from_le_bytes(x)
+    };
+    let mut out = Vec::with_capacity(b.len() / RANGE_LEN);
+    for at in (0..b.len()).step_by(RANGE_LEN) {
+        let r = PageRange {
+            first: u(at),
+            count: u(at + 8),
+        };
+        let end = r.first.checked_add(r.count);
+        if r.count == 0 || end.is_none_or(|e| e > pages) {
+            return Err(StreamError::Invalid(format!(
+                "page range {}+{} outside guest RAM ({pages} pages)",
+                r.first, r.count
+            )));
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// The runs of set bits of `bitmap`, in order.
+pub fn ranges_of(bitmap: &AtomicBitmap) -> Vec<PageRange> {
+    runs(bitmap, false)
+}
+
+/// The runs of clear bits of `bitmap` (below its length), in order.
+pub fn gaps_of(bitmap: &AtomicBitmap) -> Vec<PageRange> {
+    runs(bitmap, true)
+}
+
+fn runs(bitmap: &AtomicBitmap, inverted: bool) -> Vec<PageRange> {
+    let len = bitmap.len();
+    let mut out = Vec::new();
+    let mut open: Option<u64> = None;
+    for w in 0..bitmap.word_count() {
+        let word = if inverted {
+            !bitmap.word(w)
+        } else {
+            bitmap.word(w)
+        };
+        let base = w as u64 * 64;
+        // Whole words of the same kind keep or close a run without a bit loop.
+        if word == 0 || word == u64::MAX {
+            match (word == u64::MAX, open) {
+                (true, None) => open = Some(base),
+                (false, Some(first)) => {
+                    out.push(PageRange {
+                        first,
+                        count: base - first,
+                    });
+                    open = None;
+                }
+                _ => {}
+            }
+            continue;
+        }
+        for b in 0..64u64 {
+            let set = word & (1 << b) != 0;
+            match (set, open) {
+                (true, None) => open = Some(base + b),
+                (false, Some(first)) => {
+                    out.push(PageRange {
+                        first,
+                        count: base + b - first,
+                    });
+                    open = None;
+                }
+                _ => {}
+            }
+        }
+    }
+    if let Some(first) = open {
+        if first < len {
+            out.push(PageRange {
+                first,
+                count: len - first,
+            });
+        }
+    }
+    // Bits past the end (inverted words) must not leak into the last range.
+    if let Some(last) = out.last_mut() {
+        let end = last.first + last.count;
+        if end > len {
+            last.count = len.saturating_sub(last.first);
+            if last.count == 0 {
+                out.pop();
+            }
+        }
+    }
+    out
+}
+
+/// Merges sorted page numbers into ranges.
+pub fn ranges_of_pages(pages: impl IntoIterator<Item = u64>) -> Vec<PageRange> {
+    let mut out: Vec<PageRange> = Vec::new();
+    for p in pages {
+        match out.last_mut() {
+            Some(r) if r.first + r.count == p => r.count += 1,
+            Some(r) if p >= r.first && p < r.first + r.count => {}
+            _ => out.push(PageRange { first: p, count: 1 }),
+        }
+    }
+    out
+}
+
+/// Total pages of `ranges`.
+pub fn page_count(ranges: &[PageRange]) -> u64 {
+    ranges.iter().map(|r| r.count).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_bounds() {
+        let rs = [
+            PageRange { first: 0, count: 3 },
+            PageRange {
+                first: 10,
+                count: 1,
+            },
+        ];
+        let mut b = Vec::new();
+        encode_ranges(&rs, &mut b);
+        assert_eq!(b.len(), 2 * RANGE_LEN);
+        assert_eq!(decode_ranges(&b, 11).unwrap(), rs);
+        assert!(decode_ranges(&b, 10).is_err(), "past the end");
+        assert!(decode_ranges(&b[..20], 100).is_err(), "ragged");
+        let mut z = Vec::new();
+        encode_ranges(&[PageRange { first: 1, count: 0 }], &mut z);
+        assert!(decode_ranges(&z, 100).is_err(), "empty range");
+        let mut o = Vec::new();
+        encode_ranges(
+            &[PageRange {
+                first: u64::MAX,
+                count: 2,
+            }],
+            &mut o,
+        );
+        assert!(decode_ranges(&o, u64::MAX).is_err(), "overflow");
+    }
+
+    #[test]
+    fn runs_of_set_and_clear_bits() {
+        let bm = AtomicBitmap::new(200);
+        bm.set_range(3, 2);
+        bm.set_range(63, 70); // across words, with a whole word inside
+        bm.set(199);
+        assert_eq!(
+            ranges_of(&bm),
+            vec![
+                PageRange { first: 3, count: 2 },
+                PageRange {
+                    first: 63,
+                    count: 70
+                },
+                PageRange {
+                    first: 199,
+                    count: 1
+                },
+            ]
+        );
+        assert_eq!(
+            gaps_of(&bm),
+            vec![
+                PageRange { first: 0, count: 3 },
+                PageRange {
+                    first: 5,
+                    count: 58
+                },
+                PageRange {
+                    first: 133,
+                    count: 66
+                },
+            ]
+        );
+        let empty = AtomicBitmap::new(130);
+        assert!(ranges_of(&empty).is_empty());
+        assert_eq!(
+            gaps_of(&empty),
+            vec![PageRange {
+                first: 0,
+                count: 130
+            }]
+        );
+        empty.set_all();
+        assert!(gaps_of(&empty).is_empty());
+        assert_eq!(
+            ranges_of(&empty),
+            vec![PageRange {
+                first: 0,
+                count: 130
+            }]
+        );
+    }
+
+    #[test]
+    fn pages_merge_into_ranges() {
+        assert_eq!(
+            ranges_of_pages([1, 2, 3, 3, 7, 8, 20]),
+            vec![
+                PageRange { first: 1, count: 3 },
+                PageRange { first: 7, count: 2 },
+                PageRange {
+                    first: 20,
+                    count: 1
+                },
+            ]
+        );
+        assert_eq!(page_count(&ranges_of_pages([5, 6, 9])), 3);
+    }
+}

@@ -1,0 +1,178 @@
+//! Postcopy live migration (issue 9): a guest that dirties memory faster than the link can
+//! carry it is switched with `migrate-start-postcopy`, runs on the destination before its
+//! memory arrived, and loses nothing; with and without `postcopy-preempt`, with
+//! `postcopy-blocktime`, and with the destination held with `-S` so memory can be compared.
+
+mod migration_support;
+
+use std::time::Duration;
+
+use migration_support::{
+    migrate, set_caps, set_params, start_dest, start_source, wait_transferred, Guest,
+};
+use serde_json::{json, Value};
+use tests::{kvm_missing, one_guest_test_at_a_time, skip_unless, Ferry};
+
+const MIB: u64 = 1 << 20;
+
+/// A guest rewriting 32 MiB flat out: precopy at 8 MiB/s never converges.
+const FAST: Guest = Guest {
+    memory: "128M",
+    vcpus: 2,
+    working_set: "32M",
+    rate: 0,
+};
+
+/// Source and destination with postcopy enabled; the source limited to `max-bandwidth`
+/// 8 MiB/s in precopy so that only postcopy can finish. `dest_extra` goes to the
+/// destination's command line (e.g. `-S`).
+fn pair(tag: &str, caps: &[&str], dest_extra: &[&str]) -> (Ferry, Ferry, String) {
+    let src = start_source(&format!("{tag}-src"), &FAST, FAST.source(None));
+    let mut opts = FAST.dest("tcp:127.0.0.1:0", None);
+    opts.extra = dest_extra.iter().map(|s| s.to_string()).collect();
+    let (mut dst, uri) = start_dest(&format!("{tag}-dst"), opts);
+    let mut src = src;
+    set_caps(&mut src, caps);
+    set_caps(&mut dst, caps);
+    set_params(&mut src, json!({"max-bandwidth": 8 * MIB}));
+    (src, dst, uri)
+}
+
+/// Starts precopy, lets it send a few MiB, then switches to postcopy.
+fn migrate_then_switch(src: &mut Ferry, uri: &str) {
+    migrate(src, uri);
+    let mid = wait_transferred(src, 2 * MIB, Duration::from_secs(10));
+    assert_eq!(mid["status"], "active", "{mid}");
+    src.cmd("migrate-start-postcopy", json!({}));
+}
+
+/// Waits for the source's migration to complete (through postcopy-active).
+fn wait_completed(src: &mut Ferry, dst: &mut Ferry) -> (Value, Value) {
+    let info = src.wait_migration_end(Duration::from_secs(30));
+    assert_eq!(
+        info["status"],
+        "completed",
+        "{info}\nsource log:\n{}\ndestination log:\n{}",
+        src.log(),
+        dst.log()
+    );
+    assert_eq!(src.status(), "postmigrate");
+    let d = dst.wait_migration_end(Duration::from_secs(10));
+    assert_eq!(d["status"], "completed", "{d}\n{}", dst.log());
+    (info, d)
+}
+
+/// The guest runs on the destination and verifies every page of its working set.
+fn assert_guest_intact(dst: &mut Ferry) {
+    assert_eq!(dst.status(), "running");
+    let before = dst.pages_written();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        dst.pages_written() > before,
+        "the guest runs on the destination"
+    );
+    let (checked, bad) = dst.guest_verify();
+    assert_eq!(
+        bad, 0,
+        "the guest must verify every page on the destination"
+    );
+    assert_eq!(checked, FAST.ws_pages());
+}
+
+fn postcopy_with(tag: &str, caps: &[&str]) -> (Ferry, Ferry, Value, Value) {
+    let (mut src, mut dst, uri) = pair(tag, caps, &[]);
+    migrate_then_switch(&mut src, &uri);
+    let (info, d) = wait_completed(&mut src, &mut dst);
+    assert!(
+        info["ram"]["postcopy-bytes"].as_u64().unwrap_or(0) > 0,
+        "pages were sent in postcopy: {info}"
+    );
+    assert!(
+        info["downtime"].as_u64().is_some(),
+        "downtime is reported: {info}"
+    );
+    assert_guest_intact(&mut dst);
+    (src, dst, info, d)
+}
+
+#[test]
+fn postcopy_completes_a_migration_precopy_cannot_and_keeps_every_page() {
+    let _one = one_guest_test_at_a_time();
+    let test = "postcopy_completes_a_migration_precopy_cannot_and_keeps_every_page";
+    if skip_unless(test, kvm_missing()) {
+        return;
+    }
+    let (_src, _dst, info, d) = postcopy_with("pc", &["postcopy-ram", "postcopy-blocktime"]);
+    let pc = &info["x-ferry-postcopy"];
+    eprintln!(
+        "{test}: downtime {} ms, total {} ms; source {pc}; destination {}",
+        info["downtime"], info["total-time"], d["x-ferry-postcopy"]
+    );
+    assert!(
+        info["ram"]["postcopy-requests"].as_u64().unwrap_or(0) > 0,
+        "the running guest faulted on missing pages and asked for them: {info}"
+    );
+    let total = d["postcopy-blocktime"].as_u64();
+    let per_vcpu = d["postcopy-vcpu-blocktime"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(total.is_some(), "postcopy-blocktime is reported: {d}");
+    assert_eq!(per_vcpu.len(), FAST.vcpus, "one blocktime per vCPU: {d}");
+    assert!(
+        per_vcpu.iter().any(|v| v.as_u64().unwrap_or(0) > 0),
+        "vCPUs were blocked on missing pages for some time: {d}"
+    );
+}
+
+#[test]
+fn postcopy_preempt_sends_requested_pages_on_a_second_channel() {
+    let _one = one_guest_test_at_a_time();
+    let test = "postcopy_preempt_sends_requested_pages_on_a_second_channel";
+    if skip_unless(test, kvm_missing()) {
+        return;
+    }
+    let (_src, _dst, info, d) = postcopy_with("pcpre", &["postcopy-ram", "postcopy-preempt"]);
+    eprintln!(
+        "{test}: downtime {} ms, total {} ms; source {}; destination {}",
+        info["downtime"], info["total-time"], info["x-ferry-postcopy"], d["x-ferry-postcopy"]
+    );
+    assert!(
+        info["x-ferry-postcopy"]["urgent-pages"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "requested pages were served: {info}"
+    );
+    assert!(
+        d["postcopy-blocktime"].is_null(),
+        "no blocktime without the capability: {d}"
+    );
+}
+
+#[test]
+fn postcopy_to_a_stopped_destination_delivers_memory_identical_to_the_source() {
+    let _one = one_guest_test_at_a_time();
+    let test = "postcopy_to_a_stopped_destination_delivers_memory_identical_to_the_source";
+    if skip_unless(test, kvm_missing()) {
+        return;
+    }
+    let (mut src, mut dst, uri) = pair("pcstop", &["postcopy-ram"], &["-S"]);
+    migrate_then_switch(&mut src, &uri);
+    wait_completed(&mut src, &mut dst);
+    assert_eq!(dst.status(), "paused", "-S keeps the destination paused");
+    assert_eq!(
+        src.cmd("ferry-memory-digest", json!({}))["digest"],
+        dst.cmd("ferry-memory-digest", json!({}))["digest"],
+        "every page arrived as the source left it"
+    );
+    let host = dst.cmd("ferry-host-verify", json!({}));
+    assert_eq!(host["bad-pages"], 0, "{host}");
+    let err = src.cmd_err("cont", json!({}));
+    assert!(
+        err.contains("handed over"),
+        "the source never runs the guest again: {err}"
+    );
+    dst.cmd("cont", json!({}));
+    assert_guest_intact(&mut dst);
+}
