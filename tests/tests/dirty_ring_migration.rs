@@ -23,7 +23,10 @@ fn a_guest_migrates_with_the_dirty_ring_and_every_page_arrives() {
         .unwrap_or_default();
     let ring_entries = serde_json::from_str::<serde_json::Value>(&probe)
         .ok()
-        .and_then(|p| p.pointer("/kvm/dirty-ring-max-entries").and_then(|v| v.as_u64()))
+        .and_then(|p| {
+            p.pointer("/kvm/dirty-ring-max-entries")
+                .and_then(|v| v.as_u64())
+        })
         .unwrap_or(0);
     if ring_entries == 0 {
         eprintln!("SKIP {test}: this host's KVM offers no dirty ring (ferry probe: {probe})");
@@ -31,7 +34,9 @@ fn a_guest_migrates_with_the_dirty_ring_and_every_page_arrives() {
     }
     let guest = SMALL;
     let mut sopts = guest.source(None);
-    sopts.extra.extend(["--dirty-tracking".into(), "ring".into()]);
+    sopts
+        .extra
+        .extend(["--dirty-tracking".into(), "ring".into()]);
     let mut src = start_source("ring-src", &guest, sopts);
     let mut dopts = guest.dest("tcp:127.0.0.1:0", None);
     dopts.extra.push("-S".into());
