@@ -529,6 +529,36 @@ fn out_of_range_vcpus_are_usage_errors() {
 }
 
 #[test]
+fn more_vcpus_than_the_host_recommends_are_refused() {
+    if skip_unless("more_vcpus_than_recommended", kvm_missing()) {
+        return;
+    }
+    let probe = Command::new(ferry_bin())
+        .args(["probe", "--json"])
+        .output()
+        .expect("run ferry probe");
+    let probe: serde_json::Value =
+        serde_json::from_slice(&probe.stdout).expect("ferry probe --json prints JSON");
+    let recommended = probe
+        .pointer("/kvm/nr-vcpus")
+        .and_then(serde_json::Value::as_u64)
+        .expect("probe reports nr-vcpus");
+    if recommended >= 64 {
+        eprintln!("SKIP more_vcpus_than_recommended: the host recommends {recommended} vCPUs");
+        return;
+    }
+    let too_many = (recommended + 1).to_string();
+    let (code, err) = run_fails(&["--vcpus", &too_many]);
+    assert_ne!(code, Some(0), "{err}");
+    assert!(
+        err.contains(&format!(
+            "--vcpus {too_many} exceeds the {recommended} vCPUs"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
 fn an_unwritable_serial_file_or_qmp_path_is_a_clear_runtime_error() {
     if skip_unless("unwritable_paths", kvm_missing()) {
         return;

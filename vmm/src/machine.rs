@@ -177,6 +177,16 @@ impl Machine {
                 config.vcpus
             )));
         }
+        // More vCPU threads than the host recommends (KVM_CAP_NR_VCPUS, its CPU count)
+        // only compete for the same cores and make every timing meaningless.
+        let recommended = vm.kvm().get_nr_vcpus();
+        if config.vcpus > recommended {
+            return Err(MachineError::Config(format!(
+                "--vcpus {} exceeds the {recommended} vCPUs this host's KVM recommends \
+                 (KVM_CAP_NR_VCPUS)",
+                config.vcpus
+            )));
+        }
         let serial = Arc::new(Mutex::new(
             Serial::open(&config.serial, incoming).map_err(MachineError::Serial)?,
         ));
