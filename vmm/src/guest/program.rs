@@ -14,7 +14,8 @@
 //! main_loop:  if VERIFY_REQ != VERIFY_ACK -> verify
 //!             if no pages -> sleep, loop
 //!             if TICKS_PER_PAGE != 0: pace against the deadline (sleep through the
-//!               sleep port when far ahead; re-base when the TSC jumped)
+//!               sleep port when far ahead; re-base when the TSC jumped: the deadline
+//!               is more than a period plus MAX_SKEW ahead)
 //!             write page[index] = f(first+index, generation) (sparse pattern: after the
 //!               first generation only word 0 changes); PAGES_WRITTEN += 1
 //!             index += 1; at the end of the slice: index = 0, generation += 1,
@@ -122,8 +123,12 @@ pub fn assemble(base: u64) -> Result<Vec<u8>, IcedError> {
     a.add(rbp, rcx)?;
     a.jmp(write)?;
     a.set_label(&mut not_due)?;
+    // A deadline up to one period plus the skew ahead is normal (slow rates have periods
+    // longer than the skew); further ahead, the TSC jumped back.
     a.neg(rdx)?; // rdx = deadline - now > 0
-    a.cmp(rdx, m(r15, mb::MAX_SKEW))?;
+    a.mov(rsi, rcx)?;
+    a.add(rsi, m(r15, mb::MAX_SKEW))?;
+    a.cmp(rdx, rsi)?;
     a.jbe(wait)?;
     // The deadline is implausibly far ahead: the TSC jumped back (a new host). Re-base.
     a.mov(rbp, rax)?;
