@@ -117,7 +117,19 @@ fn tcp_dead_peer_detection(s: &TcpStream) {
         libc::TCP_USER_TIMEOUT,
         io_timeout().as_millis() as i32,
     );
+    // Writes block while this much is queued unsent, instead of filling a send buffer of
+    // megabytes: what the migration counts as sent is then (nearly) on the wire, so its
+    // bandwidth estimate and switchover decision hold on slow links too.
+    setsockopt_int(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_NOTSENT_LOWAT,
+        NOTSENT_LOWAT,
+    );
 }
+
+/// Most bytes a migration TCP socket keeps queued but not yet sent (TCP_NOTSENT_LOWAT).
+pub const NOTSENT_LOWAT: i32 = 1 << 20;
 
 /// How long a TLS handshake may take.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
