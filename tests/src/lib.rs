@@ -6,6 +6,7 @@
 //! why and returns early ([`skip_unless`]).
 
 pub mod certs;
+pub mod leaks;
 pub mod netns;
 pub mod process;
 pub mod proxy;
