@@ -13,11 +13,11 @@
 //! | `completed` | `status`, `ram` (with `remaining` and `dirty-pages-rate` 0), `total-time`, `downtime`, `setup-time` |
 //! | `failed`, `cancelled`, `colo`, `wait-unplug` | `status` |
 //!
-//! Wherever `ram` appears, `xbzrle-cache` appears too when XBZRLE is on, and
-//! `cpu-throttle-percentage` while vCPUs are throttled. `error-desc` appears
-//! whenever an error was recorded, `blocked-reasons` whenever something
-//! blocks migration. Members are serialised in QAPI's order. QEMU members for
-//! features Ferry does not have (`disk`, `vfio`, `compression`, dirty-limit
+//! Wherever `ram` appears, `xbzrle-cache` appears too when XBZRLE is on, `compression`
+//! when `compress` is on, and `cpu-throttle-percentage` while vCPUs are throttled.
+//! `error-desc` appears whenever an error was recorded, `blocked-reasons`
+//! whenever something blocks migration. Members are serialised in QAPI's order. QEMU members for
+//! features Ferry does not have (`disk`, `vfio`, dirty-limit
 //! times) are not modelled.
 
 use std::fmt;
@@ -203,6 +203,9 @@ pub struct MigrationStats {
 /// query-migrate's `xbzrle-cache` member (QAPI `XBZRLECacheStats`), kept by the XBZRLE encoder.
 pub use crate::xbzrle::XbzrleCacheStats;
 
+/// query-migrate's `compression` member (QAPI `CompressionStats`), when `compress` is on.
+pub use crate::compress::CompressionStats;
+
 /// A socket address as QAPI's `SocketAddress` union serialises it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -273,6 +276,9 @@ pub struct MigrationInfo {
     /// Postcopy blocktime per vCPU in milliseconds (destination).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postcopy_vcpu_blocktime: Option<Vec<u32>>,
+    /// Legacy compression statistics, when `compress` is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<CompressionStats>,
     /// Addresses the destination listens on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub socket_address: Option<Vec<SocketAddress>>,
@@ -295,6 +301,8 @@ pub struct SourceState {
     pub ram: MigrationStats,
     /// XBZRLE statistics when XBZRLE is on.
     pub xbzrle_cache: Option<XbzrleCacheStats>,
+    /// Legacy compression statistics when `compress` is on.
+    pub compression: Option<CompressionStats>,
     /// vCPU throttle in percent, `0` when not throttling.
     pub cpu_throttle_percentage: u8,
     /// The recorded error, if any.
@@ -408,6 +416,7 @@ impl MigrationInfo {
         }
         self.ram = Some(ram);
         self.xbzrle_cache = src.xbzrle_cache;
+        self.compression = src.compression;
         if src.cpu_throttle_percentage != 0 {
             self.cpu_throttle_percentage = Some(src.cpu_throttle_percentage);
         }

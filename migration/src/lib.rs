@@ -14,6 +14,7 @@
 //! - [`xbzrle`]: QEMU's XBZRLE delta encoding and its page cache.
 
 pub mod auto_converge;
+pub mod compress;
 pub mod convergence;
 pub mod dest;
 pub mod error;

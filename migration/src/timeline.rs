@@ -87,7 +87,7 @@ pub struct Sample {
     /// XBZRLE's cache misses per page in the last period, when XBZRLE is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xbzrle_cache_miss_rate: Option<f64>,
-    /// Page bytes before compression per byte sent, when multifd compresses.
+    /// Page bytes before compression per byte sent, when multifd or `compress` compresses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression_ratio: Option<f64>,
     /// Bytes sent so far on each multifd channel, when multifd is on.
@@ -258,7 +258,7 @@ impl Timeline {
 pub struct Figures {
     /// query-migrate's figures.
     pub state: SourceState,
-    /// Page bytes before compression per byte sent, when multifd compresses.
+    /// Page bytes before compression per byte sent, when multifd or `compress` compresses.
     pub compression_ratio: Option<f64>,
     /// Bytes per multifd channel, when multifd is on.
     pub channel_bytes: Option<Vec<u64>>,

@@ -146,6 +146,8 @@ pub struct RamLoader<'a> {
     pub pages: u64,
     /// Set for a stream that must not carry pages (the memory is shared, x-ignore-shared).
     refuse_pages: bool,
+    /// Decompression threads, when the stream announced compression.
+    decompress: Option<crate::compress::DecompressPool>,
 }
 
 impl<'a> RamLoader<'a> {
@@ -157,6 +159,21 @@ impl<'a> RamLoader<'a> {
             scratch: Vec::new(),
             pages: 0,
             refuse_pages: false,
+            decompress: None,
+        }
+    }
+
+    /// Accepts compressed pages, inflated by `pool` (the stream announced compression).
+    pub fn with_decompress(mut self, pool: crate::compress::DecompressPool) -> Self {
+        self.decompress = Some(pool);
+        self
+    }
+
+    /// Waits until every compressed page received so far is in guest memory.
+    pub fn settle(&self) -> Result<()> {
+        match &self.decompress {
+            Some(pool) => Ok(pool.settle()?),
+            None => Ok(()),
         }
     }
 
@@ -251,12 +268,16 @@ impl<'a> RamLoader<'a> {
                     self.pages += 1;
                     at += len;
                 }
-                RamRecord::Compressed { offset, len, .. } => {
-                    let _ = len;
-                    return Err(StreamError::Invalid(format!(
-                        "compressed page at {offset:#x}, but this stream did not announce compression"
-                    ))
-                    .into());
+                RamRecord::Compressed { offset, len, hash } => {
+                    let Some(pool) = &self.decompress else {
+                        return Err(StreamError::Invalid(format!(
+                            "compressed page at {offset:#x}, but this stream did not announce compression"
+                        ))
+                        .into());
+                    };
+                    pool.submit(offset, hash, self.scratch[at..at + len].to_vec())?;
+                    self.pages += 1;
+                    at += len;
                 }
             }
         }
@@ -313,6 +334,7 @@ pub fn load_stream_until<R: StreamSource>(
         match reader.next(ram_size)? {
             Frame::Ram(dir) => loader.apply(reader, &dir)?,
             Frame::Other(FrameKind::PassEnd, payload) => {
+                loader.settle()?;
                 let pass = payload
                     .get(..8)
                     .and_then(|b| b.try_into().ok())
@@ -327,6 +349,7 @@ pub fn load_stream_until<R: StreamSource>(
                 state = Some(payload.to_vec());
             }
             Frame::Other(FrameKind::End, _) => {
+                loader.settle()?;
                 progress.end()?;
                 loader.check_complete()?;
                 return state.map(LoadEnd::Complete).ok_or_else(|| {
@@ -338,6 +361,7 @@ pub fn load_stream_until<R: StreamSource>(
                 discard.extend(decode_ranges(payload, ram_size >> PAGE_SHIFT)?);
             }
             Frame::Other(FrameKind::PostcopyListen, payload) => {
+                loader.settle()?;
                 let listen = Listen::decode(payload)?;
                 let state = state.ok_or_else(|| {
                     StreamError::Invalid("POSTCOPY_LISTEN before the vCPU and device state".into())

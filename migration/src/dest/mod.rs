@@ -17,7 +17,7 @@ use crate::options::{Capability, MigrationOptions};
 use crate::postcopy::{DestControl, DestHooks, NoHooks, PostcopyDestStats};
 use crate::stream::frame::FrameReader;
 use crate::stream::header::{
-    Header, FEATURE_IGNORE_SHARED, FEATURE_POSTCOPY, FEATURE_SWITCHOVER_ACK,
+    Header, FEATURE_COMPRESS, FEATURE_IGNORE_SHARED, FEATURE_POSTCOPY, FEATURE_SWITCHOVER_ACK,
 };
 use crate::stream::Reply;
 use crate::transport::{Channel, Listener, MigrationUri};
@@ -342,6 +342,14 @@ fn load(
     )?;
     let ram = vm.ram();
     let mut loader = RamLoader::new(&ram, fresh_ram);
+    if header.has(FEATURE_COMPRESS) {
+        let pool = crate::compress::DecompressPool::start(
+            ram.clone(),
+            loader.book(),
+            params.decompress_threads,
+        )?;
+        loader = loader.with_decompress(pool);
+    }
     let mut multifd = if header.multifd_channels > 0 {
         let channels = accept_channels(listener, &header, MULTIFD_ACCEPT_TIMEOUT, security)?;
         let main = reader.get_mut().try_clone().ok();

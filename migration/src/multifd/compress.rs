@@ -73,7 +73,17 @@ impl Compressor {
     /// grown as needed and never shrunk, so a channel's buffer is zero-filled only once.
     pub fn compress(&mut self, input: &[u8], out: &mut Vec<u8>) -> Option<usize> {
         // Room for one byte less than the input: anything that does not fit did not shrink.
-        let room = input.len().saturating_sub(1);
+        self.compress_within(input, out, input.len().saturating_sub(1))
+    }
+
+    /// As [`Compressor::compress`], but accepts any result of at most `room` bytes (legacy
+    /// `compress` at level 0 stores pages, which makes them a few bytes larger).
+    pub fn compress_within(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<u8>,
+        room: usize,
+    ) -> Option<usize> {
         if out.len() < room {
             out.resize(room, 0);
         }
@@ -95,7 +105,7 @@ impl Compressor {
             }
             // zstd fails with "destination too small" as soon as the output reaches `room`.
             Ctx::Zstd(c) => match c.compress_to_buffer(input, dst) {
-                Ok(n) if n < input.len() => Some(n),
+                Ok(n) if n <= room => Some(n),
                 _ => None,
             },
         }

@@ -410,6 +410,7 @@ impl BackgroundSnapshot {
             downtime_ms: s.stall_ms.round() as u64,
             ram: self.shared.counters.ram_stats(&totals),
             xbzrle_cache: None,
+            compression: None,
             cpu_throttle_percentage: 0,
             error_desc: s.error,
             blocked_reasons: Vec::new(),

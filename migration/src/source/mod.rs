@@ -1,5 +1,6 @@
 //! The outgoing side of a migration: the controller QMP talks to, and the migration thread.
 
+mod compress;
 pub mod local;
 mod precopy;
 pub mod ram_sender;
@@ -31,6 +32,7 @@ struct Live {
     remaining_bytes: AtomicU64,
     throttle: AtomicU8,
     multifd: Mutex<Option<Arc<crate::multifd::MultifdStats>>>,
+    compression: Mutex<Option<Arc<crate::compress::CompressCounters>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -178,7 +180,8 @@ impl Shared {
                 state: self.source_state(),
                 compression_ratio: multifd
                     .filter(|m| m.method != crate::multifd::Method::None)
-                    .map(|m| m.compression_ratio()),
+                    .map(|m| m.compression_ratio())
+                    .or_else(|| self.legacy_compression_ratio()),
                 channel_bytes: (n > 0).then(|| {
                     (0..n)
                         .map(|i| {
@@ -232,6 +235,12 @@ impl Shared {
             downtime_ms: s.downtime_ms,
             ram: stats,
             xbzrle_cache: *live.xbzrle.lock().unwrap_or_else(|p| p.into_inner()),
+            compression: live
+                .compression
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|c| c.stats()),
             cpu_throttle_percentage: live.throttle.load(Ordering::Relaxed),
             error_desc: s.error,
             blocked_reasons: Vec::new(),
@@ -248,6 +257,26 @@ impl Shared {
 
     pub(crate) fn publish_xbzrle(&self, stats: crate::info::XbzrleCacheStats) {
         *self.live.xbzrle.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
+    }
+
+    /// Page bytes per compressed byte so far, for the timeline (legacy `compress`).
+    fn legacy_compression_ratio(&self) -> Option<f64> {
+        let c = self
+            .live
+            .compression
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let s = c.as_ref()?.stats();
+        (s.compressed_size > 0)
+            .then(|| (s.pages * ram::PAGE_SIZE as u64) as f64 / s.compressed_size as f64)
+    }
+
+    pub(crate) fn set_compress_counters(&self, c: Arc<crate::compress::CompressCounters>) {
+        *self
+            .live
+            .compression
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(c);
     }
 
     pub(crate) fn set_multifd_stats(&self, stats: Arc<crate::multifd::MultifdStats>) {

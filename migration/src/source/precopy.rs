@@ -22,8 +22,8 @@ use crate::multifd::{Method, MultifdSender, SendConfig, SendEnv};
 use crate::options::Capability;
 use crate::stream::frame::{FrameKind, FrameWriter};
 use crate::stream::header::{
-    Header, FEATURE_MULTIFD, FEATURE_SWITCHOVER_ACK, FEATURE_VALIDATE_UUID, FEATURE_XBZRLE,
-    HEADER_LEN, STREAM_VERSION,
+    Header, FEATURE_COMPRESS, FEATURE_MULTIFD, FEATURE_SWITCHOVER_ACK, FEATURE_VALIDATE_UUID,
+    FEATURE_XBZRLE, HEADER_LEN, STREAM_VERSION,
 };
 use crate::stream::Reply;
 use crate::timeline::SampleKind;
@@ -369,6 +369,10 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
     } else {
         None
     };
+    let mut compress = super::compress::start_pool(shared, multifd.is_some())?;
+    if compress.is_some() {
+        features |= FEATURE_COMPRESS;
+    }
     let header = Header {
         version: STREAM_VERSION,
         features,
@@ -473,6 +477,8 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
                     }),
                     _ => None,
                 };
+                // As QEMU: no compression once XBZRLE has started.
+                let compress_now = stage.is_none();
                 let mut sender = RamSender::new(
                     &ram,
                     &mut out,
@@ -483,7 +489,8 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
                 )
                 .with_tracker(tracker.as_ref())
                 .with_xbzrle(stage)
-                .with_stop(postcopy.then(|| shared.postcopy.flag()));
+                .with_stop(postcopy.then(|| shared.postcopy.flag()))
+                .with_compress(compress.as_mut().filter(|_| compress_now));
                 let cur_pending = pending_bytes;
                 if pass == 1 {
                     // Pages never touched read as zero: send them as zero runs without reading
@@ -507,6 +514,10 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
         if let Some(enc) = xbzrle.as_mut() {
             enc.update_rates(shared.counters.total_pages() - pages_before + xbzrle_pages);
             shared.publish_xbzrle(enc.stats());
+        }
+        if let Some(c) = &compress {
+            c.counters()
+                .update_rates(shared.counters.total_pages() - pages_before);
         }
         out.frame(FrameKind::PassEnd, &pass.to_le_bytes())
             .map_err(|e| replies.explain(e.into()))?;
@@ -621,6 +632,7 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
         out.frame(FrameKind::PassEnd, &last.to_le_bytes())
             .map_err(|e| replies.explain(e.into()))?;
     } else {
+        let compress_now = xbzrle.is_none();
         let mut sender = RamSender::new(
             &ram,
             &mut out,
@@ -629,6 +641,7 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
             &shared.cancel,
             Phase::Downtime,
         )
+        .with_compress(compress.as_mut().filter(|_| compress_now))
         .with_xbzrle(xbzrle.as_mut().map(|encoder| {
             encoder.set_last_stage(true);
             XbzrleStage {

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use ram::{is_zero_page, page_hash, AtomicBitmap, GuestRam, PAGE_SHIFT, PAGE_SIZE};
 
+use crate::compress::{CompressPool, Done, Submitted};
 use crate::error::{MigrationError, Result};
 use crate::info::{Channel, MigrationCounters, Phase};
 use crate::rate_limit::RateLimiter;
@@ -53,6 +54,7 @@ pub struct RamSender<'a, 'e, W: Write> {
     arena: Vec<u8>,
     copy: Vec<u8>,
     xbzrle: Option<XbzrleStage<'e>>,
+    compress: Option<&'e mut CompressPool>,
     /// Pages sent as XBZRLE deltas or found unchanged.
     pub xbzrle_pages: u64,
     stop: Option<&'a AtomicBool>,
@@ -86,6 +88,7 @@ impl<'a, 'e, W: Write> RamSender<'a, 'e, W> {
             arena: Vec::new(),
             copy: vec![0u8; PAGE_SIZE],
             xbzrle: None,
+            compress: None,
             xbzrle_pages: 0,
             stop: None,
         }
@@ -109,6 +112,76 @@ impl<'a, 'e, W: Write> RamSender<'a, 'e, W> {
     pub fn with_xbzrle(mut self, stage: Option<XbzrleStage<'e>>) -> Self {
         self.xbzrle = stage;
         self
+    }
+
+    /// Compresses pages on `pool`'s threads (legacy `compress`; not with XBZRLE).
+    pub fn with_compress(mut self, pool: Option<&'e mut CompressPool>) -> Self {
+        self.compress = pool;
+        self
+    }
+
+    /// Hands `page` to a compression thread; false when it must be sent raw (every thread
+    /// busy and `compress-wait-thread` off).
+    fn compress_page(&mut self, page: u64) -> Result<bool> {
+        self.collect_compressed(false)?;
+        let cancel = self.cancel;
+        let Some(pool) = self.compress.as_deref_mut() else {
+            return Ok(false);
+        };
+        if pool.all_busy() && pool.waits() {
+            let done = pool.next_pending(cancel)?;
+            if cancel.load(Ordering::Acquire) {
+                return Err(MigrationError::Cancelled);
+            }
+            if let Some(d) = done {
+                self.push_done(d)?;
+            }
+        }
+        let Some(pool) = self.compress.as_deref_mut() else {
+            return Ok(false);
+        };
+        Ok(pool.submit(page)? == Submitted::Queued)
+    }
+
+    /// Writes the pages the compression threads finished; with `all`, waits for every one.
+    fn collect_compressed(&mut self, all: bool) -> Result<()> {
+        loop {
+            let cancel = self.cancel;
+            let Some(pool) = self.compress.as_deref_mut() else {
+                return Ok(());
+            };
+            let next = if all {
+                pool.next_pending(cancel)?
+            } else {
+                pool.try_next()?
+            };
+            match next {
+                Some(d) => self.push_done(d)?,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    fn push_done(&mut self, done: Done) -> Result<()> {
+        match done {
+            Done::Compressed { offset, hash, data } => {
+                if let Some(pool) = self.compress.as_deref() {
+                    pool.counters().add_compressed(data.len() as u64);
+                }
+                self.push_owned(
+                    RamRecord::Compressed {
+                        offset,
+                        len: data.len(),
+                        hash,
+                    },
+                    &data,
+                )
+            }
+            Done::Raw { offset, hash, data } => {
+                self.counters.add_normal_pages(1);
+                self.push_owned(RamRecord::Page { offset, hash }, &data)
+            }
+        }
     }
 
     fn enter_chunk(&mut self, page: u64) -> Result<()> {
@@ -220,6 +293,9 @@ impl<'a, 'e, W: Write> RamSender<'a, 'e, W> {
         }
         if is_zero_page(bytes) {
             return self.zero_page(page);
+        }
+        if self.compress.is_some() && self.compress_page(page)? {
+            return Ok(());
         }
         self.flush_zero_run()?;
         self.counters.add_normal_pages(1);
@@ -351,8 +427,10 @@ impl<'a, 'e, W: Write> RamSender<'a, 'e, W> {
         Ok(sent)
     }
 
-    /// Flushes the pending zero run and the open frame.
+    /// Writes every page still with a compression thread, then flushes the pending zero run
+    /// and the open frame.
     pub fn finish(&mut self) -> Result<()> {
+        self.collect_compressed(true)?;
         self.flush_zero_run()?;
         self.flush_frame()?;
         self.account()

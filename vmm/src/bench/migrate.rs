@@ -8,7 +8,8 @@
 //!   from the data-set images (`--memory SIZE,mem-path=IMAGE,share=off` on the source,
 //!   an idle guest), max-bandwidth unlimited, into a fresh and into a preallocated
 //!   destination, plain and with multifd (2 and 4 channels, zstd-1, zlib-1: tried, and
-//!   reported unavailable when this build cannot do them); versus TCP over the same link
+//!   reported unavailable when this build cannot do them) and legacy `compress` (1 and 2
+//!   threads at zlib level 1); versus TCP over the same link
 //!   measured by this process ([`tcp`]) with the same number of streams, and versus the
 //!   QEMU 7.2 figures of issue 12;
 //! - **downtime** ([`downtime`]): a dirtying guest migrated with the default downtime-limit
@@ -105,7 +106,8 @@ pub struct MigrateArgs {
     /// Sections to run: populate,throughput,downtime,rate,dirty-sync (default: all).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
-    /// Throughput configurations: plain,multifd-2,multifd-4,zstd-1,zlib-1 (default: all).
+    /// Throughput configurations: plain,multifd-2,multifd-4,zstd-1,zlib-1,compress-1,
+    /// compress-2 (legacy `compress` with 1 or 2 threads, zlib level 1) (default: all).
     #[arg(long, value_delimiter = ',')]
     pub configs: Vec<String>,
     /// Destinations of the plain rows: fresh,prealloc,thp,fresh-1t,fresh-nopop (default

@@ -26,6 +26,8 @@ pub struct Config {
     pub name: &'static str,
     /// Multifd channels and compression (None: plain, one stream).
     pub multifd: Option<(u8, &'static str)>,
+    /// Legacy `compress` threads (zlib level 1 on the main stream).
+    pub compress: Option<u8>,
 }
 
 impl Config {
@@ -34,14 +36,23 @@ impl Config {
         self.multifd.map_or(1, |(n, _)| usize::from(n))
     }
 
+    /// Whether the row needs capabilities or parameters on both sides.
+    fn special(&self) -> bool {
+        self.multifd.is_some() || self.compress.is_some()
+    }
+
     fn caps(&self) -> Vec<(&'static str, bool)> {
-        match self.multifd {
-            Some(_) => vec![("multifd", true)],
-            None => Vec::new(),
+        match (self.multifd, self.compress) {
+            (Some(_), _) => vec![("multifd", true)],
+            (None, Some(_)) => vec![("compress", true)],
+            (None, None) => Vec::new(),
         }
     }
 
     fn params(&self) -> Value {
+        if let Some(n) = self.compress {
+            return json!({"compress-threads": n, "compress-level": 1, "decompress-threads": 2});
+        }
         match self.multifd {
             None => json!({}),
             Some((n, comp)) => {
@@ -58,26 +69,41 @@ impl Config {
 }
 
 /// Every configuration the benchmark knows.
-pub const CONFIGS: [Config; 5] = [
+pub const CONFIGS: [Config; 7] = [
     Config {
         name: "plain",
         multifd: None,
+        compress: None,
     },
     Config {
         name: "multifd-2",
         multifd: Some((2, "none")),
+        compress: None,
     },
     Config {
         name: "multifd-4",
         multifd: Some((4, "none")),
+        compress: None,
     },
     Config {
         name: "zstd-1",
         multifd: Some((2, "zstd")),
+        compress: None,
     },
     Config {
         name: "zlib-1",
         multifd: Some((2, "zlib")),
+        compress: None,
+    },
+    Config {
+        name: "compress-1",
+        multifd: None,
+        compress: Some(1),
+    },
+    Config {
+        name: "compress-2",
+        multifd: None,
+        compress: Some(2),
     },
 ];
 
@@ -285,12 +311,12 @@ fn one_run(
     let set = src
         .set_caps(&caps)
         .and_then(|_| src.set_params(params.clone()));
-    if let (Err(e), Some(_)) = (&set, config.multifd) {
+    if let (Err(e), true) = (&set, config.special()) {
         return Err(RowError::Unavailable(format!("the source refuses it: {e}")));
     }
     set?;
     let mut dst = env.spawn(env.dest_host(), "destination", &dst_args, dest.env)?;
-    if config.multifd.is_some() {
+    if config.special() {
         dst.set_caps(&config.caps())
             .and_then(|_| dst.set_params(config.params()))
             .map_err(|e| RowError::Unavailable(format!("the destination refuses it: {e}")))?;
@@ -309,9 +335,10 @@ fn one_run(
         "QMP source: migrate-set-capabilities {}; migrate-set-parameters {params}; migrate {{\"uri\": \"tcp:{addr}:PORT\"}} (PORT: the destination's, from its query-migrate)",
         json!(caps.iter().map(|(c, s)| json!({"capability": c, "state": s})).collect::<Vec<_>>())
     ));
-    if config.multifd.is_some() {
+    if config.special() {
         env.note_command(format!(
-            "QMP destination: migrate-set-capabilities [multifd]; migrate-set-parameters {}; migrate-incoming {{\"uri\": \"tcp:{addr}:0\"}}",
+            "QMP destination: migrate-set-capabilities {:?}; migrate-set-parameters {}; migrate-incoming {{\"uri\": \"tcp:{addr}:0\"}}",
+            config.caps().iter().map(|c| c.0).collect::<Vec<_>>(),
             config.params()
         ));
     } else {
@@ -330,9 +357,9 @@ fn one_run(
             .as_str()
             .unwrap_or("no error-desc")
             .to_string();
-        return Err(match config.multifd {
-            Some(_) => RowError::Unavailable(format!("the migration failed: {why}")),
-            None => RowError::Bench(BenchError::Failed(format!(
+        return Err(match config.special() {
+            true => RowError::Unavailable(format!("the migration failed: {why}")),
+            false => RowError::Bench(BenchError::Failed(format!(
                 "the migration failed: {why}\ndestination log:\n{}",
                 dst.log()
             ))),
@@ -341,6 +368,11 @@ fn one_run(
     if config.multifd.is_some() && info["ram"]["multifd-bytes"].as_u64().unwrap_or(0) == 0 {
         return Err(RowError::Unavailable(
             "the migration ran on the main stream only (this build has no multifd)".into(),
+        ));
+    }
+    if config.compress.is_some() && info["compression"]["pages"].as_u64().unwrap_or(0) == 0 {
+        return Err(RowError::Unavailable(
+            "no page went compressed (this build has no legacy compress)".into(),
         ));
     }
     let events = src.take_events();
@@ -474,8 +506,8 @@ pub fn run(
     let mut unavailable: Vec<(&'static str, String)> = Vec::new();
     for data in data_sets {
         for config in configs {
-            // Multifd rows go into a fresh destination only.
-            let row_dests: Vec<&Dest> = if config.multifd.is_some() {
+            // Multifd and compress rows go into a fresh destination only.
+            let row_dests: Vec<&Dest> = if config.special() {
                 dests.iter().filter(|d| d.name == "fresh").take(1).collect()
             } else {
                 dests.iter().collect()
