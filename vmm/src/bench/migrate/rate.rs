@@ -84,9 +84,9 @@ fn measure(
     ));
     // The first pass lasts about memory / limit (random data: every page is sent).
     let pass = memory as f64 / limit as f64;
-    let cap = if env.quick { 1.0 } else { 2.0 };
-    let warmup = (pass * 0.15).clamp(0.1, 0.3);
-    let window = (pass * 0.6).min(cap);
+    let cap = if env.quick { 1.0 } else { 5.0 };
+    let warmup = (pass * 0.1).clamp(0.1, 0.5);
+    let window = (pass * 0.7).min(cap);
     src.cmd("migrate", json!({"uri": format!("tcp:{addr}:{port}")}))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -102,9 +102,20 @@ fn measure(
         std::thread::sleep(Duration::from_millis(5));
     }
     std::thread::sleep(Duration::from_secs_f64(warmup));
+    // Samples every 20 ms over the window; the rate is the least-squares slope of bytes
+    // over time, so neither the limiter's 100 ms windows nor the sampling instants
+    // quantize it.
     let (t1, b1, _) = transferred(src)?;
-    std::thread::sleep(Duration::from_secs_f64(window));
-    let (t2, b2, status) = transferred(src)?;
+    let mut samples = vec![(0.0f64, 0.0f64)];
+    let mut status = String::from("active");
+    let mut t2 = t1;
+    while (t2 - t1).as_secs_f64() < window && status == "active" {
+        std::thread::sleep(Duration::from_millis(20));
+        let (t, b, st) = transferred(src)?;
+        status = st;
+        t2 = t;
+        samples.push(((t - t1).as_secs_f64(), b.saturating_sub(b1) as f64));
+    }
     src.cmd("migrate_cancel", json!({}))?;
     let end = src.wait_migration_end(Duration::from_secs(30), Duration::from_millis(20))?;
     drop(dst);
@@ -121,7 +132,7 @@ fn measure(
         });
     }
     let secs = (t2 - t1).as_secs_f64();
-    let rate = (b2 - b1) as f64 / secs.max(1e-9);
+    let rate = slope(&samples);
     Ok(RateRow {
         limit,
         measured: Some(rate),
@@ -129,6 +140,23 @@ fn measure(
         window_s: Some(secs),
         note: None,
     })
+}
+
+/// Least-squares slope of y over x (0 for fewer than two distinct x).
+fn slope(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    if points.len() < 2 {
+        return 0.0;
+    }
+    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx) * (p.0 - mx)).sum();
+    if sxx == 0.0 {
+        0.0
+    } else {
+        sxy / sxx
+    }
 }
 
 /// Runs the section; `link` is the fastest unlimited migration of this run (bytes/s).
@@ -225,6 +253,20 @@ pub fn table(rows: &[RateRow]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rate_is_the_slope_of_bytes_over_time() {
+        let pts: Vec<(f64, f64)> = (0..50)
+            .map(|i| {
+                let t = i as f64 * 0.02;
+                // 100 MB/s in 100 ms steps: the slope still finds ~100 MB/s.
+                (t, (t * 10.0).floor() * 10e6)
+            })
+            .collect();
+        let r = slope(&pts);
+        assert!((r / 100e6 - 1.0).abs() < 0.1, "{r}");
+        assert_eq!(slope(&[(1.0, 5.0)]), 0.0);
+    }
 
     #[test]
     fn rates_print_in_mib_or_gib() {
