@@ -3,6 +3,7 @@
 //! the threads are busy; a corrupt compressed page fails the migration clearly and the
 //! source runs on; QEMU's incompatibilities are refused with its messages.
 
+mod migration_support;
 mod multifd_support;
 
 use std::io::{Read, Write};
@@ -297,4 +298,58 @@ fn qemus_incompatibilities_with_compress_are_refused_with_its_messages() {
     ] {
         assert!(!on.contains(&off.to_string()), "{off} stayed off: {on:?}");
     }
+}
+
+/// QEMU allows `compress` with `postcopy-ram` (not with `postcopy-preempt`): pages compressed
+/// in precopy, the rest pulled in postcopy; the guest verifies every page.
+#[test]
+fn compressed_precopy_then_postcopy_keeps_every_page() {
+    use migration_support::{
+        migrate, set_caps, set_params, start_dest, start_source, wait_transferred, Guest,
+    };
+    let _one = one_guest_test_at_a_time();
+    let tag = "compress-postcopy";
+    if skip_unless(tag, kvm_missing()) {
+        return;
+    }
+    // Rewrites 32 MiB flat out: at 8 MiB/s only postcopy can finish.
+    const FAST: Guest = Guest {
+        memory: "128M",
+        vcpus: 2,
+        working_set: "32M",
+        rate: 0,
+    };
+    let mut src = start_source(&format!("{tag}-src"), &FAST, FAST.source(None));
+    let (mut dst, uri) = start_dest(&format!("{tag}-dst"), FAST.dest("tcp:127.0.0.1:0", None));
+    for f in [&mut src, &mut dst] {
+        set_caps(f, &["postcopy-ram"]);
+        // Level 0 stores: the guest's own pages do not shrink, stored they still go compressed.
+        set_compress(f, 2, 0, true);
+    }
+    set_params(&mut src, json!({"max-bandwidth": 8u64 << 20}));
+    migrate(&mut src, &uri);
+    let mid = wait_transferred(&mut src, 2 << 20, Duration::from_secs(10));
+    assert_eq!(mid["status"], "active", "{mid}");
+    src.cmd("migrate-start-postcopy", json!({}));
+    let info = src.wait_migration_end(Duration::from_secs(30));
+    assert_eq!(
+        info["status"],
+        "completed",
+        "{info}\nsource log:\n{}\ndestination log:\n{}",
+        src.log(),
+        dst.log()
+    );
+    assert!(
+        info["compression"]["pages"].as_u64().unwrap_or(0) > 0,
+        "{info}"
+    );
+    assert!(
+        info["ram"]["postcopy-bytes"].as_u64().unwrap_or(0) > 0,
+        "{info}"
+    );
+    let d = dst.wait_migration_end(Duration::from_secs(10));
+    assert_eq!(d["status"], "completed", "{d}\n{}", dst.log());
+    let (checked, bad) = dst.guest_verify();
+    assert_eq!(bad, 0, "the guest verifies every page on the destination");
+    assert_eq!(checked, FAST.ws_pages());
 }
