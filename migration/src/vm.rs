@@ -77,4 +77,9 @@ pub trait DestVm: Send + Sync {
         let _ = memory;
         Err("this VM cannot map another process's guest memory".into())
     }
+    /// QEMU's `decompress-error-check` property: a compressed page that does not inflate
+    /// fails the migration (off: the page is zeroed and waits for a later copy).
+    fn decompress_error_check(&self) -> bool {
+        true
+    }
 }

@@ -156,7 +156,8 @@ impl Vmm {
         ));
         let dest = Arc::new(
             MachineDest::new(self.machine.clone(), self.uuid, self.autostart)
-                .with_populate(populate.clone()),
+                .with_populate(populate.clone())
+                .with_decompress_error_check(self.props.decompress_error_check),
         );
         let incoming = Incoming::start_with_hooks(
             uri,

@@ -147,6 +147,7 @@ pub struct MachineDest {
     autostart: bool,
     source_running: AtomicBool,
     populate: PopulateSlot,
+    decompress_error_check: bool,
 }
 
 impl migration::postcopy::DestHooks for MachineDest {
@@ -209,7 +210,14 @@ impl MachineDest {
             autostart,
             source_running: AtomicBool::new(true),
             populate: PopulateSlot::default(),
+            decompress_error_check: true,
         }
+    }
+
+    /// QEMU's `decompress-error-check` property (see [`DestVm::decompress_error_check`]).
+    pub fn with_decompress_error_check(mut self, on: bool) -> Self {
+        self.decompress_error_check = on;
+        self
     }
 
     /// Lets a local migration stop `populate` before it maps the source's memory.
@@ -220,6 +228,9 @@ impl MachineDest {
 }
 
 impl DestVm for MachineDest {
+    fn decompress_error_check(&self) -> bool {
+        self.decompress_error_check
+    }
     fn ram(&self) -> Arc<GuestRam> {
         self.machine.ram().clone()
     }

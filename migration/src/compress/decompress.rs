@@ -48,11 +48,15 @@ impl Drop for Finished<'_> {
 }
 
 impl DecompressPool {
-    /// Starts `threads` workers writing into `ram` and recording pages in `book`.
+    /// Starts `threads` workers writing into `ram` and recording pages in `book`; with
+    /// `error_check` off (QEMU's `decompress-error-check`), a page that does not inflate is
+    /// zeroed and kept suspect instead of failing the migration: a later copy repairs it, or
+    /// the end of the stream reports it.
     pub fn start(
         ram: Arc<GuestRam>,
         book: Arc<PageBook>,
         threads: u8,
+        error_check: bool,
     ) -> Result<Self, CompressPoolError> {
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let state: Arc<(Mutex<Progress>, Condvar)> = Arc::default();
@@ -62,7 +66,7 @@ impl DecompressPool {
             let (ram, book, rx, state) = (ram.clone(), book.clone(), rx.clone(), state.clone());
             let h = std::thread::Builder::new()
                 .name(format!("decompress-{i}"))
-                .spawn(move || worker(&ram, &book, d, &rx, &state))
+                .spawn(move || worker(&ram, &book, d, &rx, &state, error_check))
                 .map_err(|source| CompressPoolError::Spawn {
                     what: "decompression",
                     source,
@@ -136,6 +140,7 @@ fn worker(
     mut d: Decompressor,
     jobs: &Receiver<Job>,
     state: &(Mutex<Progress>, Condvar),
+    error_check: bool,
 ) {
     let mut page = vec![0u8; PAGE_SIZE];
     while let Ok(job) = jobs.recv() {
@@ -153,6 +158,12 @@ fn worker(
             });
         match result {
             Ok(()) => book.mark(n, page_hash(&page) == job.hash),
+            Err(CompressPoolError::Corrupt { .. }) if !error_check => {
+                page.fill(0);
+                if ram.write_page(n, &page).is_ok() {
+                    book.mark(n, false);
+                }
+            }
             Err(e) => {
                 let mut p = state.0.lock().unwrap_or_else(|e| e.into_inner());
                 if p.error.is_none() {

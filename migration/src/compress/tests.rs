@@ -65,7 +65,7 @@ impl LoadProgress for NoProgress {
     }
 }
 
-/// Sends all of `src` (two passes, the second over every other page after a change) with
+/// Sends all of `src` (two passes, the second over the odd pages after a change) with
 /// a compression pool and returns the stream and the counters.
 fn send(
     src: &Arc<GuestRam>,
@@ -84,8 +84,8 @@ fn send(
         if pass == 1 {
             bitmap.set_all();
         } else {
-            // Change every other page (text, so it compresses) and send those again.
-            for p in (0..src.page_count()).step_by(2) {
+            // Change the odd pages (text, so it compresses) and send those again.
+            for p in (1..src.page_count()).step_by(2) {
                 let line = format!("pass 2, page {p}\n");
                 let page: Vec<u8> = line.bytes().cycle().take(PAGE_SIZE).collect();
                 src.write_page(p, &page).unwrap();
@@ -105,9 +105,18 @@ fn send(
 }
 
 fn load(stream: &[u8], dst: &Arc<GuestRam>, threads: u8) -> crate::error::Result<Vec<u8>> {
+    load_checking(stream, dst, threads, true)
+}
+
+fn load_checking(
+    stream: &[u8],
+    dst: &Arc<GuestRam>,
+    threads: u8,
+    error_check: bool,
+) -> crate::error::Result<Vec<u8>> {
     let mut reader = FrameReader::new(stream);
     let mut loader = RamLoader::new(dst, true);
-    let pool = DecompressPool::start(dst.clone(), loader.book(), threads).unwrap();
+    let pool = DecompressPool::start(dst.clone(), loader.book(), threads, error_check).unwrap();
     loader = loader.with_decompress(pool);
     load_stream(&mut reader, &mut loader, &mut NoProgress)
 }
@@ -116,8 +125,9 @@ fn same_memory(a: &GuestRam, b: &GuestRam) -> bool {
     (0..a.page_count()).all(|p| a.page(p) == b.page(p))
 }
 
-/// Offsets of the data of every COMPRESSED record in a stream written by [`send`].
-fn compressed_records(stream: &[u8]) -> Vec<(usize, usize)> {
+/// Where the data of every COMPRESSED record is in a stream written by [`send`], its
+/// length, and the page's RAM offset.
+fn compressed_records(stream: &[u8]) -> Vec<(usize, usize, u64)> {
     let mut found = Vec::new();
     let mut at = 0usize;
     let u32_at = |o: usize| u32::from_le_bytes(stream[o..o + 4].try_into().unwrap()) as usize;
@@ -136,7 +146,7 @@ fn compressed_records(stream: &[u8]) -> Vec<(usize, usize)> {
                     _ => arg as usize,
                 };
                 if word & 0xfff == FLAG_COMPRESS {
-                    found.push((data, dlen));
+                    found.push((data, dlen, word & !0xfff));
                 }
                 data += dlen;
             }
@@ -164,9 +174,9 @@ fn pages_round_trip_for_every_thread_count_and_level() {
         let records = compressed_records(&stream);
         assert_eq!(records.len() as u64, s.pages);
         if level == 0 {
-            assert!(records.iter().all(|&(_, n)| n > PAGE_SIZE), "stored");
+            assert!(records.iter().all(|&(_, n, _)| n > PAGE_SIZE), "stored");
         } else {
-            assert!(records.iter().all(|&(_, n)| n < PAGE_SIZE));
+            assert!(records.iter().all(|&(_, n, _)| n < PAGE_SIZE));
             assert!(s.compressed_size * 4 < s.pages * PAGE_SIZE as u64, "{s:?}");
         }
         assert_eq!(s.busy, 0, "the sender waits for a thread");
@@ -193,7 +203,7 @@ fn a_corrupt_compressed_page_fails_the_load_naming_the_page() {
     let (mut stream, _) = send(&src, 2, 1, true);
     let records = compressed_records(&stream);
     // The last compressed record: no later copy of its page follows.
-    let (at, len) = records[records.len() - 1];
+    let (at, len, _) = records[records.len() - 1];
     stream[at + len / 2] ^= 0x5a;
     let dst = new_ram();
     let e = load(&stream, &dst, 2).unwrap_err();
@@ -268,4 +278,36 @@ fn query_migrate_shows_compression_beside_ram_only() {
     assert_eq!(v["compression"]["pages"], 5, "{v}");
     let v = serde_json::to_value(MigrationInfo::source(&state(MigrationStatus::Failed))).unwrap();
     assert!(v.get("compression").is_none(), "{v}");
+}
+
+#[test]
+fn without_decompress_error_check_a_corrupt_page_waits_for_a_later_copy() {
+    let src = new_ram();
+    fill(&src, 0);
+    let (stream, _) = send(&src, 2, 1, true);
+    let records = compressed_records(&stream);
+    // A page of the first pass that the second pass sends again (odd pages).
+    let &(at, len, _) = records
+        .iter()
+        .find(|r| r.2 % (2 * PAGE_SIZE as u64) == PAGE_SIZE as u64)
+        .unwrap();
+    let mut repaired = stream.clone();
+    repaired[at..at + len].iter_mut().for_each(|b| *b ^= 0x5a);
+    let dst = new_ram();
+    assert_eq!(load_checking(&repaired, &dst, 2, false).unwrap(), b"state");
+    assert!(same_memory(&src, &dst));
+    // With the check on, the same stream fails.
+    let e = load_checking(&repaired, &new_ram(), 2, true).unwrap_err();
+    assert!(e.to_string().contains("corrupt zlib data"), "{e}");
+    // The last page is never sent again: it is reported at the end of the stream.
+    let (at, len, offset) = records[records.len() - 1];
+    let mut lost = stream.clone();
+    lost[at..at + len].iter_mut().for_each(|b| *b ^= 0x5a);
+    let e = load_checking(&lost, &new_ram(), 2, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("never sent again") && e.contains(&format!("{offset:#x}")),
+        "{e}"
+    );
 }

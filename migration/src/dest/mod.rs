@@ -347,6 +347,7 @@ fn load(
             ram.clone(),
             loader.book(),
             params.decompress_threads,
+            vm.decompress_error_check(),
         )?;
         loader = loader.with_decompress(pool);
     }
