@@ -11,7 +11,7 @@ use migration_support::{
     migrate, set_caps, set_params, start_dest, start_source, wait_transferred, Guest,
 };
 use serde_json::{json, Value};
-use tests::{kvm_missing, one_guest_test_at_a_time, skip_unless, Ferry};
+use tests::{kvm_missing, one_guest_test_at_a_time, skip_unless, Ferry, FerryOptions};
 
 const MIB: u64 = 1 << 20;
 
@@ -175,4 +175,57 @@ fn postcopy_to_a_stopped_destination_delivers_memory_identical_to_the_source() {
     );
     dst.cmd("cont", json!({}));
     assert_guest_intact(&mut dst);
+}
+
+#[test]
+fn postcopy_commands_refuse_what_they_cannot_do_with_qemus_errors() {
+    let _one = one_guest_test_at_a_time();
+    let test = "postcopy_commands_refuse_what_they_cannot_do_with_qemus_errors";
+    if skip_unless(test, kvm_missing()) {
+        return;
+    }
+    let mut f = Ferry::start(
+        "pcerr",
+        &FerryOptions {
+            memory: "64M".into(),
+            workload: Some("working-set=4M,rate=1000".into()),
+            ..FerryOptions::default()
+        },
+    );
+    let expect = |f: &mut Ferry, cmd: &str, args: Value, words: &str| {
+        let err = f.cmd_err(cmd, args);
+        assert!(err.contains(words), "{cmd}: {err}");
+    };
+    expect(
+        &mut f,
+        "migrate-start-postcopy",
+        json!({}),
+        "Enable postcopy with migrate_set_capability before the start of migration",
+    );
+    set_caps(&mut f, &["postcopy-ram"]);
+    expect(
+        &mut f,
+        "migrate-start-postcopy",
+        json!({}),
+        "Postcopy must be started after migration has been started",
+    );
+    expect(
+        &mut f,
+        "migrate-pause",
+        json!({}),
+        "only supported during postcopy-active state",
+    );
+    expect(
+        &mut f,
+        "migrate-recover",
+        json!({"uri": "tcp:127.0.0.1:0"}),
+        "can only be run when postcopy is paused",
+    );
+    expect(
+        &mut f,
+        "migrate",
+        json!({"uri": "tcp:127.0.0.1:1", "resume": true}),
+        "Cannot resume if there is no paused migration",
+    );
+    assert_eq!(f.status(), "running", "nothing changed for the guest");
 }

@@ -5,6 +5,7 @@
 pub mod boot;
 pub mod local;
 pub mod migrate;
+pub mod postcopy;
 pub mod proc_status;
 pub mod snapshot;
 pub mod stats;

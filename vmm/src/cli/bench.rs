@@ -33,6 +33,9 @@ pub enum BenchCommand {
     /// Local migration (x-ignore-shared) downtime and total time for several guest sizes,
     /// against a copying migration of the smallest guest in the same run.
     Local(crate::bench::local::LocalArgs),
+    /// Postcopy: migrate-start-postcopy to the guest handed over, page-fault round trip
+    /// p50/p99 with and without postcopy-preempt, total time vs precopy + auto-converge.
+    Postcopy(crate::bench::postcopy::PostcopyArgs),
 }
 
 /// Arguments of `ferry bench boot`.
@@ -74,6 +77,7 @@ pub fn run(a: BenchArgs) -> i32 {
         BenchCommand::Migrate(m) => crate::bench::migrate::main(m),
         BenchCommand::Snapshot(s) => crate::bench::snapshot::main(s),
         BenchCommand::Local(l) => crate::bench::local::main(l),
+        BenchCommand::Postcopy(p) => crate::bench::postcopy::main(p),
     }
 }
 
