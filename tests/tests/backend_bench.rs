@@ -110,3 +110,79 @@ fn bench_migrate_quick_reports_every_section() {
         assert!(x["populate_gib_per_s"].as_f64() > Some(0.0), "{x}");
     }
 }
+
+fn bench_json(args: &[&str]) -> Value {
+    let out = Command::new(ferry_bin())
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run ferry bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ferry bench {args:?}: {stderr}");
+    serde_json::from_slice(&out.stdout).expect("JSON report")
+}
+
+#[test]
+fn bench_snapshot_quick_reports_stall_faults_and_the_stop_the_world_reference() {
+    if skip_unless("bench_snapshot_quick", kvm_missing()) {
+        return;
+    }
+    let _one = one_guest_test_at_a_time();
+    let r = bench_json(&["snapshot", "--quick"]);
+    let m = &r["median"];
+    let num = |k: &str| m[k].as_f64().unwrap_or(-1.0);
+    assert!(num("stall-ms") > 0.0, "{r}");
+    assert!(
+        num("stop-the-world-stall-ms") > num("stall-ms"),
+        "stopping for the whole save stalls longer than a background snapshot: {r}"
+    );
+    assert!(
+        num("bytes") >= (64u64 << 20) as f64,
+        "the working set is saved: {r}"
+    );
+    assert!(num("fault-p99-us") >= num("fault-p50-us"), "{r}");
+    let ratio = num("guest-rate-ratio");
+    assert!(ratio > 0.0 && ratio <= 1.5, "{r}");
+    assert!(r["p99-goal-met"].is_boolean(), "{r}");
+}
+
+#[test]
+fn bench_local_reports_downtime_per_size_and_the_copy_reference() {
+    if skip_unless("bench_local", kvm_missing()) {
+        return;
+    }
+    let _one = one_guest_test_at_a_time();
+    let r = bench_json(&[
+        "local",
+        "--sizes",
+        "256M,512M",
+        "--runs",
+        "1",
+        "--workload",
+        "working-set=32M,rate=20000",
+    ]);
+    let rows = r["rows"].as_array().expect("rows");
+    let local: Vec<&Value> = rows.iter().filter(|w| w["kind"] == "local").collect();
+    assert_eq!(local.len(), 2, "{r}");
+    let copy = rows
+        .iter()
+        .find(|w| w["kind"] != "local")
+        .expect("a copying reference row");
+    for row in &local {
+        let run = &row["runs"][0];
+        assert!(run["downtime_us"].as_u64() > Some(0), "{row}");
+        assert!(
+            run["transferred"].as_u64() < Some(1 << 20),
+            "no guest memory is copied: {row}"
+        );
+    }
+    assert!(
+        copy["runs"][0]["transferred"].as_u64() > Some(16 << 20),
+        "the reference copies the working set: {copy}"
+    );
+    assert!(
+        r["copy_ratio"].as_f64().is_some_and(|x| x > 0.0 && x < 1.0),
+        "{r}"
+    );
+}

@@ -409,7 +409,13 @@ fn cancel_leaves_the_guest_running_and_nothing_protected() {
     while snap.status() != MigrationStatus::Active && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
-    std::thread::sleep(Duration::from_millis(200));
+    // Mid-snapshot some pages are still protected (polled: a loaded machine may be slow
+    // to get the snapshot thread through its set-up).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while protected_pages(&vm.ram).unwrap() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(snap.status(), MigrationStatus::Active, "still saving");
     assert!(
         protected_pages(&vm.ram).unwrap() > 0,
         "mid-snapshot, pages are protected"
