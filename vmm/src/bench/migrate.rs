@@ -31,6 +31,7 @@ pub mod proc;
 pub mod rate;
 pub mod tcp;
 pub mod throughput;
+pub mod tls;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -107,7 +108,9 @@ pub struct MigrateArgs {
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Throughput configurations: plain,multifd-2,multifd-4,zstd-1,zlib-1,compress-1,
-    /// compress-2 (legacy `compress` with 1 or 2 threads, zlib level 1) (default: all).
+    /// compress-2 (legacy `compress` with 1 or 2 threads, zlib level 1) (default: these
+    /// seven), and tls,multifd-2-tls (plain and multifd-2 over TLS; each brings its
+    /// configuration without TLS along, and the table gives the ratio of the two).
     #[arg(long, value_delimiter = ',')]
     pub configs: Vec<String>,
     /// Destinations of the plain rows: fresh,prealloc,thp,fresh-1t,fresh-nopop (default

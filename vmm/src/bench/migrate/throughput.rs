@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 
 use super::data::DataSet;
 use super::tcp::{self, TcpFigure};
+use super::tls::TlsCreds;
 use super::{event_seconds, BenchEnv, BenchError, QemuReference};
 
 /// A migration configuration.
@@ -28,6 +29,9 @@ pub struct Config {
     pub multifd: Option<(u8, &'static str)>,
     /// Legacy `compress` threads (zlib level 1 on the main stream).
     pub compress: Option<u8>,
+    /// Main stream and every channel over TLS (certificates made at run time, see
+    /// [`super::tls`]).
+    pub tls: bool,
 }
 
 impl Config {
@@ -38,7 +42,7 @@ impl Config {
 
     /// Whether the row needs capabilities or parameters on both sides.
     fn special(&self) -> bool {
-        self.multifd.is_some() || self.compress.is_some()
+        self.multifd.is_some() || self.compress.is_some() || self.tls
     }
 
     fn caps(&self) -> Vec<(&'static str, bool)> {
@@ -46,6 +50,15 @@ impl Config {
             (Some(_), _) => vec![("multifd", true)],
             (None, Some(_)) => vec![("compress", true)],
             (None, None) => Vec::new(),
+        }
+    }
+
+    /// The same configuration without TLS (the reference of a TLS row).
+    pub fn without_tls(&self) -> Option<&'static str> {
+        match (self.tls, self.multifd) {
+            (false, _) => None,
+            (true, None) => Some("plain"),
+            (true, Some(_)) => Some("multifd-2"),
         }
     }
 
@@ -68,51 +81,74 @@ impl Config {
     }
 }
 
-/// Every configuration the benchmark knows.
-pub const CONFIGS: [Config; 7] = [
+/// Every configuration the benchmark knows (the first seven run by default).
+pub const CONFIGS: [Config; 9] = [
     Config {
         name: "plain",
         multifd: None,
         compress: None,
+        tls: false,
     },
     Config {
         name: "multifd-2",
         multifd: Some((2, "none")),
         compress: None,
+        tls: false,
     },
     Config {
         name: "multifd-4",
         multifd: Some((4, "none")),
         compress: None,
+        tls: false,
     },
     Config {
         name: "zstd-1",
         multifd: Some((2, "zstd")),
         compress: None,
+        tls: false,
     },
     Config {
         name: "zlib-1",
         multifd: Some((2, "zlib")),
         compress: None,
+        tls: false,
     },
     Config {
         name: "compress-1",
         multifd: None,
         compress: Some(1),
+        tls: false,
     },
     Config {
         name: "compress-2",
         multifd: None,
         compress: Some(2),
+        tls: false,
+    },
+    Config {
+        name: "tls",
+        multifd: None,
+        compress: None,
+        tls: true,
+    },
+    Config {
+        name: "multifd-2-tls",
+        multifd: Some((2, "none")),
+        compress: None,
+        tls: true,
     },
 ];
 
-/// The configurations named (all when none is).
+/// Configurations run when none is named.
+const DEFAULT_CONFIGS: usize = 7;
+
+/// The configurations named (the first seven when none is); a TLS configuration brings
+/// its configuration without TLS along (first), for the ratio.
 pub fn configs(names: &[String]) -> Result<Vec<Config>, String> {
     if names.is_empty() {
-        return Ok(CONFIGS.to_vec());
+        return Ok(CONFIGS[..DEFAULT_CONFIGS].to_vec());
     }
-    names
+    let named: Vec<Config> = names
         .iter()
         .map(|n| {
             CONFIGS
@@ -126,7 +162,19 @@ pub fn configs(names: &[String]) -> Result<Vec<Config>, String> {
                     )
                 })
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    let mut out: Vec<Config> = Vec::new();
+    for c in named {
+        let base = c
+            .without_tls()
+            .and_then(|b| CONFIGS.iter().find(|x| x.name == b));
+        for x in base.into_iter().chain([&c]) {
+            if !out.contains(x) {
+                out.push(x.clone());
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// A destination kind.
@@ -284,9 +332,10 @@ fn one_run(
     memory: u64,
     config: &Config,
     dest: &Dest,
+    tls: Option<&TlsCreds>,
 ) -> Result<OneRun, RowError> {
     let mib = memory >> 20;
-    let src_args: Vec<String> = vec![
+    let mut src_args: Vec<String> = vec![
         "--memory".into(),
         format!("{mib}M,mem-path={},share=off", data.path.display()),
         "--vcpus".into(),
@@ -294,7 +343,7 @@ fn one_run(
         "--workload".into(),
         "working-set=0".into(),
     ];
-    let dst_args: Vec<String> = vec![
+    let mut dst_args: Vec<String> = vec![
         "--memory".into(),
         format!("{mib}M{}", dest.memory_suffix),
         "--vcpus".into(),
@@ -303,11 +352,22 @@ fn one_run(
         "defer".into(),
         "-S".into(),
     ];
+    let tls = if config.tls {
+        let c = tls.ok_or_else(|| RowError::Unavailable("no TLS credentials".into()))?;
+        src_args.extend(c.source_args());
+        dst_args.extend(c.dest_args());
+        Some(c)
+    } else {
+        None
+    };
     let mut src = env.spawn(env.source_host(), "source", &src_args, &[])?;
     let mut caps = vec![("events", true)];
     caps.extend(config.caps());
     let mut params = config.params();
     params["max-bandwidth"] = json!(0);
+    if tls.is_some() {
+        TlsCreds::source_params(&mut params);
+    }
     let set = src
         .set_caps(&caps)
         .and_then(|_| src.set_params(params.clone()));
@@ -316,9 +376,13 @@ fn one_run(
     }
     set?;
     let mut dst = env.spawn(env.dest_host(), "destination", &dst_args, dest.env)?;
+    let mut dst_params = config.params();
+    if tls.is_some() {
+        TlsCreds::dest_params(&mut dst_params);
+    }
     if config.special() {
         dst.set_caps(&config.caps())
-            .and_then(|_| dst.set_params(config.params()))
+            .and_then(|_| dst.set_params(dst_params.clone()))
             .map_err(|e| RowError::Unavailable(format!("the destination refuses it: {e}")))?;
     }
     let addr = env.dest_addr();
@@ -337,9 +401,8 @@ fn one_run(
     ));
     if config.special() {
         env.note_command(format!(
-            "QMP destination: migrate-set-capabilities {:?}; migrate-set-parameters {}; migrate-incoming {{\"uri\": \"tcp:{addr}:0\"}}",
+            "QMP destination: migrate-set-capabilities {:?}; migrate-set-parameters {dst_params}; migrate-incoming {{\"uri\": \"tcp:{addr}:0\"}}",
             config.caps().iter().map(|c| c.0).collect::<Vec<_>>(),
-            config.params()
         ));
     } else {
         env.note_command(format!(
@@ -416,6 +479,12 @@ fn one_run(
     })
 }
 
+/// What a row is measured against and with: the TCP reference, the TLS credentials.
+struct RowEnv<'a> {
+    tcp: Option<f64>,
+    tls: Option<&'a TlsCreds>,
+}
+
 fn measure_row(
     env: &BenchEnv,
     data: &DataSet,
@@ -423,12 +492,13 @@ fn measure_row(
     config: &Config,
     dest: &Dest,
     runs: usize,
-    tcp: Option<f64>,
+    row_env: RowEnv<'_>,
 ) -> Result<Measured, RowError> {
+    let RowEnv { tcp, tls } = row_env;
     let mut best: Option<OneRun> = None;
     let mut all = Vec::new();
     for _ in 0..runs {
-        let r = one_run(env, data, memory, config, dest)?;
+        let r = one_run(env, data, memory, config, dest, tls)?;
         all.push(super::gib_per_s(
             memory,
             Duration::from_secs_f64(r.first_pass_s),
@@ -502,11 +572,22 @@ pub fn run(
         }
     }
     let tcp_for = |n: usize| refs.iter().find(|f| f.streams == n).map(|f| f.gib_per_s);
+    let tls = if configs.iter().any(|c| c.tls) {
+        match TlsCreds::generate(&env.dir) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                errors.push(format!("TLS rows: {e}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
     let mut rows = Vec::new();
     let mut unavailable: Vec<(&'static str, String)> = Vec::new();
     for data in data_sets {
         for config in configs {
-            // Multifd and compress rows go into a fresh destination only.
+            // Multifd, compress and TLS rows go into a fresh destination only.
             let row_dests: Vec<&Dest> = if config.special() {
                 dests.iter().filter(|d| d.name == "fresh").take(1).collect()
             } else {
@@ -536,7 +617,10 @@ pub fn run(
                     config,
                     dest,
                     runs,
-                    tcp_for(config.streams()),
+                    RowEnv {
+                        tcp: tcp_for(config.streams()),
+                        tls: tls.as_ref(),
+                    },
                 ) {
                     Ok(m) => {
                         env.say(format!(
@@ -578,6 +662,51 @@ pub fn link_rate(rows: &[ThroughputRow], tcp: &[TcpFigure]) -> Option<f64> {
         .map(|g| g * gib)
 }
 
+/// A TLS row against the same configuration without TLS, same data set and destination.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TlsRatio {
+    /// Data set.
+    pub data_set: String,
+    /// The TLS configuration.
+    pub config: String,
+    /// The configuration without TLS.
+    pub without_tls: String,
+    /// Destination kind.
+    pub dest: String,
+    /// Guest GiB/s of the first pass over TLS.
+    pub tls_gib_per_s: f64,
+    /// Guest GiB/s of the first pass without TLS.
+    pub plain_gib_per_s: f64,
+    /// tls / plain.
+    pub ratio: f64,
+}
+
+/// Every TLS row that ran beside its configuration without TLS.
+pub fn tls_ratios(rows: &[ThroughputRow]) -> Vec<TlsRatio> {
+    rows.iter()
+        .filter_map(|r| {
+            let base = CONFIGS
+                .iter()
+                .find(|c| c.name == r.config)
+                .and_then(Config::without_tls)?;
+            let m = r.ok()?;
+            let b = rows
+                .iter()
+                .filter(|x| x.config == base && x.data_set == r.data_set && x.dest == r.dest)
+                .find_map(ThroughputRow::ok)?;
+            Some(TlsRatio {
+                data_set: r.data_set.clone(),
+                config: r.config.clone(),
+                without_tls: base.to_string(),
+                dest: r.dest.clone(),
+                tls_gib_per_s: m.guest_gib_per_s,
+                plain_gib_per_s: b.guest_gib_per_s,
+                ratio: m.guest_gib_per_s / b.guest_gib_per_s.max(1e-9),
+            })
+        })
+        .collect()
+}
+
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "-".into(), |x| format!("{x:.digits$}"))
 }
@@ -588,7 +717,7 @@ pub fn table(rows: &[ThroughputRow], qemu: &QemuReference) -> String {
     let _ = writeln!(
         t,
         "\nthroughput of the first pass (idle guest, max-bandwidth unlimited):\n\
-         \x20 {:<7} {:<10} {:<11} {:>7} {:>8} {:>7} {:>6} {:>8} {:>9} {:>8} {:>12}",
+         \x20 {:<7} {:<13} {:<11} {:>7} {:>8} {:>7} {:>6} {:>8} {:>9} {:>8} {:>12}",
         "data",
         "config",
         "dest",
@@ -610,7 +739,7 @@ pub fn table(rows: &[ThroughputRow], qemu: &QemuReference) -> String {
                 };
                 let _ = writeln!(
                     t,
-                    "  {:<7} {:<10} {:<11} {:>7.2} {:>8.2} {:>7.2} {:>6} {:>8} {:>9} {:>7.2}x {:>5}/{:<6}",
+                    "  {:<7} {:<13} {:<11} {:>7.2} {:>8.2} {:>7.2} {:>6} {:>8} {:>9} {:>7.2}x {:>5}/{:<6}",
                     r.data_set,
                     r.config,
                     r.dest,
@@ -628,7 +757,7 @@ pub fn table(rows: &[ThroughputRow], qemu: &QemuReference) -> String {
             None => {
                 let _ = writeln!(
                     t,
-                    "  {:<7} {:<10} {:<11} {}",
+                    "  {:<7} {:<13} {:<11} {}",
                     r.data_set,
                     r.config,
                     r.dest,
@@ -644,6 +773,26 @@ pub fn table(rows: &[ThroughputRow], qemu: &QemuReference) -> String {
          \x20  the migration per GiB of guest memory; every row's destination memory digest = the source's)",
         qemu.fresh_gib_per_s.1, qemu.prealloc_gib_per_s.1
     );
+    let tls = tls_ratios(rows);
+    if !tls.is_empty() {
+        let _ = writeln!(
+            t,
+            "  TLS (rustls; first pass over TLS / the same configuration without TLS, this run):"
+        );
+        for x in &tls {
+            let _ = writeln!(
+                t,
+                "    {:<7} {:<14} vs {:<10} {:<6} {:.2}x ({:.2} / {:.2} GiB/s of guest memory)",
+                x.data_set,
+                x.config,
+                x.without_tls,
+                x.dest,
+                x.ratio,
+                x.tls_gib_per_s,
+                x.plain_gib_per_s
+            );
+        }
+    }
     for r in rows {
         if let Some(p) = r.ok().and_then(|m| m.dest_populate.as_ref()) {
             let _ = writeln!(
@@ -662,7 +811,8 @@ mod tests {
 
     #[test]
     fn configurations_and_destinations_are_looked_up_by_name() {
-        assert_eq!(configs(&[]).unwrap().len(), 5);
+        assert_eq!(configs(&[]).unwrap().len(), 7);
+        assert_eq!(CONFIGS.len(), 9);
         let c = configs(&["zstd-1".into(), "plain".into()]).unwrap();
         assert_eq!(c[0].params()["multifd-zstd-level"], 1);
         assert_eq!(c[0].params()["multifd-compression"], "zstd");
@@ -676,6 +826,27 @@ mod tests {
             ",backend=anon,hugepages=thp"
         );
         assert!(dests(&["warm".into()]).is_err());
+    }
+
+    #[test]
+    fn a_tls_configuration_brings_its_reference_without_tls() {
+        let names = |v: &[&str]| {
+            configs(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap()
+                .iter()
+                .map(|c| c.name)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&["tls"]), ["plain", "tls"]);
+        assert_eq!(
+            names(&["multifd-2-tls", "tls", "plain"]),
+            ["multifd-2", "multifd-2-tls", "plain", "tls"]
+        );
+        let c = configs(&["multifd-2-tls".into()]).unwrap();
+        assert!(c[1].tls && !c[0].tls);
+        assert_eq!(c[1].streams(), 2);
+        assert_eq!(c[1].params(), c[0].params());
+        assert!(configs(&[]).unwrap().iter().all(|c| !c.tls));
     }
 
     #[test]
@@ -723,6 +894,21 @@ mod tests {
         );
         assert_eq!(link_rate(&[], &tcp), Some(2.0 * gib));
         assert_eq!(link_rate(&[], &[]), None);
+        let named = |config: &str, data: &str, wire: f64| ThroughputRow {
+            config: config.into(),
+            ..row(data, wire)
+        };
+        let ratios = tls_ratios(&[
+            named("plain", "random", 2.0),
+            named("tls", "random", 1.5),
+            named("tls", "mixed", 1.0),
+            named("multifd-2", "random", 3.0),
+            named("multifd-2-tls", "random", 1.5),
+        ]);
+        assert_eq!(ratios.len(), 2, "{ratios:?}");
+        assert_eq!((ratios[0].config.as_str(), ratios[0].ratio), ("tls", 0.75));
+        assert_eq!(ratios[1].without_tls, "multifd-2");
+        assert_eq!(ratios[1].ratio, 0.5);
         let text = table(
             &[row("random", 1.0)],
             &QemuReference {
@@ -731,6 +917,6 @@ mod tests {
                 source: "x",
             },
         );
-        assert!(text.contains("random  plain      fresh"), "{text}");
+        assert!(text.contains("random  plain         fresh"), "{text}");
     }
 }
