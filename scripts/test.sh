@@ -10,4 +10,4 @@ export FERRY_PYTHON="$PWD/.venv/bin/python"
 # Each guest test has its own watchdog (tests/src/watchdog.rs); this bounds the whole run
 # so that CI reports a failure instead of hanging if something escapes it.
 timeout --kill-after=30 "${FERRY_TEST_BUDGET_SECS:-2700}" \
-    cargo test --release --workspace -- --test-threads="${FERRY_TEST_THREADS:-2}"
+    cargo test --release --workspace --no-fail-fast -- --test-threads="${FERRY_TEST_THREADS:-2}"

@@ -48,7 +48,18 @@ fn switch_to_postcopy(src: &mut Ferry, uri: &str) {
         &["postcopy-active", "completed", "failed"],
         Duration::from_secs(10),
     );
-    assert_eq!(info["status"], "postcopy-active", "{info}\n{}", src.log());
+    // A small guest may finish its postcopy phase before the first poll sees it.
+    let done_in_postcopy = info["status"] == "completed"
+        && info
+            .pointer("/ram/postcopy-bytes")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)
+            > 0;
+    assert!(
+        info["status"] == "postcopy-active" || done_in_postcopy,
+        "{info}\n{}",
+        src.log()
+    );
 }
 
 fn wait_both_paused(src: &mut Ferry, dst: &mut Ferry) {
