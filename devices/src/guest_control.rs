@@ -109,8 +109,11 @@ impl GuestControl {
             )));
         }
         for s in &layout.slices {
+            // Checked: the layout comes from a migration stream or a snapshot file.
             if ram.gpa_to_offset(s.mailbox_gpa).is_none()
-                || s.first_page + s.pages > layout.ws_pages
+                || s.first_page
+                    .checked_add(s.pages)
+                    .is_none_or(|end| end > layout.ws_pages)
             {
                 return Err(ControlError::BadLayout(format!("bad slice {s:?}")));
             }
