@@ -92,36 +92,18 @@ pub struct LocalReport {
 
 /// Runs `ferry bench local`; returns the exit code.
 pub fn main(a: LocalArgs) -> i32 {
-    match run(&a) {
-        Ok(r) => {
-            if a.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&r).unwrap_or_else(|e| e.to_string())
-                );
-            } else {
-                print!("{}", r.to_text());
-            }
-            if a.check && !r.goals_met {
-                eprintln!("ferry bench local: a goal is not met");
-                return 1;
-            }
-            0
-        }
-        Err(e) => {
-            eprintln!("ferry bench local: {e}");
-            1
-        }
-    }
+    super::finish(
+        "local",
+        run(&a),
+        a.json,
+        a.check,
+        |r| r.to_text(),
+        |r| r.goals_met,
+    )
 }
 
 fn run(a: &LocalArgs) -> Result<LocalReport, BenchError> {
-    let ferry = match &a.ferry {
-        Some(f) => f.clone(),
-        None => {
-            std::env::current_exe().map_err(|e| BenchError::Io(PathBuf::from("current_exe"), e))?
-        }
-    };
+    let ferry = super::ferry_binary(&a.ferry)?;
     let dir = std::env::temp_dir().join(format!("ferry-bench-local-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| BenchError::Io(dir.clone(), e))?;
     let result = run_in(a, &ferry, &dir);

@@ -117,36 +117,18 @@ impl Kind {
 
 /// Runs `ferry bench postcopy`; returns the exit code.
 pub fn main(a: PostcopyArgs) -> i32 {
-    match run(&a) {
-        Ok(r) => {
-            if a.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&r).unwrap_or_else(|e| e.to_string())
-                );
-            } else {
-                print!("{}", r.to_text());
-            }
-            if a.check && !r.goals_met {
-                eprintln!("ferry bench postcopy: a goal is not met");
-                return 1;
-            }
-            0
-        }
-        Err(e) => {
-            eprintln!("ferry bench postcopy: {e}");
-            1
-        }
-    }
+    super::finish(
+        "postcopy",
+        run(&a),
+        a.json,
+        a.check,
+        |r| r.to_text(),
+        |r| r.goals_met,
+    )
 }
 
 fn run(a: &PostcopyArgs) -> Result<PostcopyReport, BenchError> {
-    let ferry = match &a.ferry {
-        Some(f) => f.clone(),
-        None => {
-            std::env::current_exe().map_err(|e| BenchError::Io(PathBuf::from("current_exe"), e))?
-        }
-    };
+    let ferry = super::ferry_binary(&a.ferry)?;
     let bandwidth = ram::parse_size_default_unit(&a.bandwidth, 1)
         .map_err(|e| BenchError::Usage(format!("--bandwidth: '{}': {e}", a.bandwidth)))?;
     let dir = std::env::temp_dir().join(format!("ferry-bench-postcopy-{}", std::process::id()));

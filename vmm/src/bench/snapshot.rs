@@ -526,26 +526,14 @@ impl SnapshotReport {
 
 /// `ferry bench snapshot`; returns the exit code.
 pub fn main(a: SnapshotArgs) -> i32 {
-    match measure(&a) {
-        Ok(r) => {
-            if a.json {
-                match serde_json::to_string_pretty(&r) {
-                    Ok(s) => println!("{s}"),
-                    Err(e) => {
-                        eprintln!("ferry bench snapshot: {e}");
-                        return 1;
-                    }
-                }
-            } else {
-                print!("{}", r.to_text());
-            }
-            0
-        }
-        Err(e) => {
-            eprintln!("ferry bench snapshot: {e}");
-            1
-        }
-    }
+    super::finish(
+        "snapshot",
+        measure(&a),
+        a.json,
+        false,
+        |r| r.to_text(),
+        |_| true,
+    )
 }
 
 #[cfg(test)]
