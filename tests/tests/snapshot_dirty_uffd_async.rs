@@ -59,6 +59,16 @@ fn precopy_with_uffd_async_dirty_tracking_keeps_every_page() {
     // A slow first pass, so that the guest dirties pages the later passes must find.
     src.cmd("migrate-set-parameters", json!({"max-bandwidth": 64 << 20}));
     src.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+    // Then a link well above the guest's dirty rate (~80 MiB/s, about the slow link's
+    // 64 MiB/s: at that rate the migration would never converge).
+    src.wait_migration(Duration::from_secs(60), |i| {
+        i["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2
+            || !matches!(i["status"].as_str(), Some("setup" | "active"))
+    });
+    src.cmd(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 1u64 << 30}),
+    );
     let info = src.wait_migration_end(Duration::from_secs(120));
     assert_eq!(info["status"], "completed", "{info}\n{}", src.log());
     assert!(
