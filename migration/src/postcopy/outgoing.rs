@@ -134,18 +134,7 @@ pub(crate) fn run(
     let caps = *shared.caps();
     let ram = shared.vm.ram();
     let pages = ram.page_count();
-    let mut stop_at = None;
-    if shared.vm.is_running() {
-        stop_at = Some(Instant::now());
-        shared.vm.stop_vcpus().map_err(MigrationError::Vm)?;
-        *stopped_vcpus = true;
-    }
-    if caps.get(Capability::PauseBeforeSwitchover) {
-        shared.set_status(MigrationStatus::PreSwitchover);
-        if !shared.wait_continue() {
-            return Err(MigrationError::Cancelled);
-        }
-    }
+    let stop_at = shared.stop_for_switchover(stopped_vcpus)?;
     shared.set_status(MigrationStatus::PostcopyActive);
     shared.options.set_in_postcopy(true);
     shared.set_throttle(0);

@@ -138,16 +138,7 @@ pub(super) fn migrate(
 
     // Switchover: only vCPU and device state are left to move.
     let stop_at = Instant::now();
-    if shared.vm.is_running() {
-        shared.vm.stop_vcpus().map_err(MigrationError::Vm)?;
-        *stopped_vcpus = true;
-    }
-    if caps.get(Capability::PauseBeforeSwitchover) {
-        shared.set_status(MigrationStatus::PreSwitchover);
-        if !shared.wait_continue() {
-            return Err(MigrationError::Cancelled);
-        }
-    }
+    shared.stop_for_switchover(stopped_vcpus)?;
     shared.set_status(MigrationStatus::Device);
     let state = shared.vm.save_state().map_err(MigrationError::Vm)?;
     let before = out.bytes_written();

@@ -287,6 +287,29 @@ impl Shared {
         self.live.throttle.load(Ordering::Relaxed)
     }
 
+    /// The switchover's first step (QEMU's finish-migrate, then pre-switchover): stops the
+    /// vCPUs if they run, noting it in `stopped_vcpus` so that a failure resumes them, then
+    /// with pause-before-switchover waits in `pre-switchover` for migrate-continue with the
+    /// guest held stopped. Returns when the vCPUs were stopped (None: they were not running).
+    pub(crate) fn stop_for_switchover(
+        &self,
+        stopped_vcpus: &mut bool,
+    ) -> Result<Option<Instant>, MigrationError> {
+        let mut stopped_at = None;
+        if self.vm.is_running() {
+            stopped_at = Some(Instant::now());
+            self.vm.stop_vcpus().map_err(MigrationError::Vm)?;
+            *stopped_vcpus = true;
+        }
+        if self.caps().get(Capability::PauseBeforeSwitchover) {
+            self.set_status(MigrationStatus::PreSwitchover);
+            if !self.wait_continue() {
+                return Err(MigrationError::Cancelled);
+            }
+        }
+        Ok(stopped_at)
+    }
+
     /// Waits until `migrate-continue` or a cancel; returns false when cancelled.
     pub(crate) fn wait_continue(&self) -> bool {
         let mut s = self.lock_status();

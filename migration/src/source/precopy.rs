@@ -605,16 +605,7 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
     // Switchover: the guest stops first (QEMU's finish-migrate), then pre-switchover waits
     // for migrate-continue with the guest held stopped.
     let stop_at = Instant::now();
-    if shared.vm.is_running() {
-        shared.vm.stop_vcpus().map_err(MigrationError::Vm)?;
-        *stopped_vcpus = true;
-    }
-    if caps.get(Capability::PauseBeforeSwitchover) {
-        shared.set_status(MigrationStatus::PreSwitchover);
-        if !shared.wait_continue() {
-            return Err(MigrationError::Cancelled);
-        }
-    }
+    shared.stop_for_switchover(stopped_vcpus)?;
     shared.set_status(MigrationStatus::Device);
     shared.limiter.lift();
     tracker.sync(&bitmap).map_err(MigrationError::Vm)?;
