@@ -207,27 +207,7 @@ fn one(
     size: &str,
     local: bool,
 ) -> Result<LocalRun, BenchError> {
-    let common = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = vec!["--memory".into(), size.into(), "--vcpus".into(), "2".into()];
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
-    let mut src = BenchVmm::spawn(
-        ferry,
-        None,
-        dir,
-        "source",
-        &common(&["--workload", &a.workload]),
-        &[],
-    )?;
-    let mut dst = BenchVmm::spawn(
-        ferry,
-        None,
-        dir,
-        "destination",
-        &common(&["--incoming", "defer"]),
-        &[],
-    )?;
+    let (mut src, mut dst) = BenchVmm::spawn_pair(ferry, dir, size, &a.workload, "defer")?;
     let sock = dir.join("migration.sock");
     let _ = std::fs::remove_file(&sock);
     let uri = format!("unix:{}", sock.display());

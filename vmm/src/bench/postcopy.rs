@@ -184,32 +184,8 @@ fn one(
     bandwidth: u64,
     kind: Kind,
 ) -> Result<PostcopyRun, BenchError> {
-    let common = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = vec![
-            "--memory".into(),
-            a.memory.clone(),
-            "--vcpus".into(),
-            "2".into(),
-        ];
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
-    let mut src = BenchVmm::spawn(
-        ferry,
-        None,
-        dir,
-        "source",
-        &common(&["--workload", &a.workload]),
-        &[],
-    )?;
-    let mut dst = BenchVmm::spawn(
-        ferry,
-        None,
-        dir,
-        "destination",
-        &common(&["--incoming", "tcp:127.0.0.1:0"]),
-        &[],
-    )?;
+    let (mut src, mut dst) =
+        BenchVmm::spawn_pair(ferry, dir, &a.memory, &a.workload, "tcp:127.0.0.1:0")?;
     // The destination listens once its query-migrate shows the address.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let port = loop {

@@ -24,6 +24,39 @@ pub struct BenchVmm {
 }
 
 impl BenchVmm {
+    /// A source running `workload` and a destination started with `--incoming incoming`,
+    /// both local, with `memory` and 2 vCPUs (logs and sockets in `dir`).
+    pub fn spawn_pair(
+        ferry: &Path,
+        dir: &Path,
+        memory: &str,
+        workload: &str,
+        incoming: &str,
+    ) -> Result<(BenchVmm, BenchVmm), BenchError> {
+        let args = |extra: [&str; 2]| -> Vec<String> {
+            ["--memory", memory, "--vcpus", "2", extra[0], extra[1]]
+                .map(String::from)
+                .to_vec()
+        };
+        let src = Self::spawn(
+            ferry,
+            None,
+            dir,
+            "source",
+            &args(["--workload", workload]),
+            &[],
+        )?;
+        let dst = Self::spawn(
+            ferry,
+            None,
+            dir,
+            "destination",
+            &args(["--incoming", incoming]),
+            &[],
+        )?;
+        Ok((src, dst))
+    }
+
     /// Starts `ferry run ARGS --qmp DIR/NAME.sock --serial none` (on `host` when given) and
     /// connects to its QMP socket.
     pub fn spawn(
