@@ -16,6 +16,7 @@ use super::pages::{FaultAction, PageTracker};
 use super::registration::{Fault, MissingRegistration, Placement};
 use crate::stream::ranges::ranges_of_pages;
 use crate::stream::Reply;
+use crate::uffd::wake;
 
 /// Everything the fault thread works with.
 pub struct FaultContext {
@@ -39,23 +40,12 @@ pub struct FaultThread {
     error: Arc<Mutex<Option<String>>>,
 }
 
-fn eventfd() -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: eventfd(2) takes two integers and returns a new fd or -1.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the fd was just created and nothing else owns it.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
-}
-
 impl FaultThread {
     /// Starts the thread.
     pub fn spawn(ctx: FaultContext) -> std::io::Result<FaultThread> {
         use std::os::fd::AsRawFd;
         let stop = Arc::new(AtomicBool::new(false));
-        let wake = eventfd()?;
+        let wake = wake::eventfd()?;
         let wake_fd = wake.as_raw_fd();
         let error = Arc::new(Mutex::new(None));
         let (s, e) = (stop.clone(), error.clone());
@@ -81,17 +71,8 @@ impl FaultThread {
     }
 
     fn shutdown(&mut self) {
-        use std::os::fd::AsRawFd;
         self.stop.store(true, Ordering::Release);
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes from a live u64 to an eventfd we own.
-        unsafe {
-            libc::write(
-                self.wake.as_raw_fd(),
-                (&one as *const u64).cast(),
-                std::mem::size_of::<u64>(),
-            );
-        }
+        wake::signal(&self.wake);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -104,24 +85,6 @@ impl Drop for FaultThread {
     }
 }
 
-/// Waits until the userfaultfd or the wake fd is readable, or `ms` pass.
-fn wait_readable(uffd: i32, wake: i32, ms: i32) {
-    let mut fds = [
-        libc::pollfd {
-            fd: uffd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: wake,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    // SAFETY: `fds` is a live array of two pollfd structs.
-    unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
-}
-
 fn serve(ctx: &FaultContext, stop: &AtomicBool, wake_fd: i32, error: &Mutex<Option<String>>) {
     let mut faults: Vec<Fault> = Vec::with_capacity(64);
     let mut want: Vec<u64> = Vec::with_capacity(64);
@@ -132,7 +95,7 @@ fn serve(ctx: &FaultContext, stop: &AtomicBool, wake_fd: i32, error: &Mutex<Opti
             .get_or_insert(e);
     };
     while !stop.load(Ordering::Acquire) {
-        wait_readable(ctx.reg.raw_fd(), wake_fd, 20);
+        wake::wait_readable(ctx.reg.raw_fd(), wake_fd, 20);
         faults.clear();
         if let Err(e) = ctx.reg.read_faults(&mut faults) {
             fail(format!("reading userfaultfd messages: {e}"));

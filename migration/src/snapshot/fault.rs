@@ -6,7 +6,7 @@
 //! VMM thread writing guest memory. A page someone already claimed is only unprotected.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -19,6 +19,7 @@ use userfaultfd::{Event, EventBuffer, FaultKind};
 use super::claims::PageClaims;
 use super::latency::LatencyHistogram;
 use super::protect::WriteProtector;
+use crate::uffd::wake;
 
 /// A page saved by the fault handler: its start-instant contents.
 #[derive(Debug)]
@@ -76,21 +77,11 @@ pub struct FaultHandler {
     thread: Option<JoinHandle<()>>,
 }
 
-fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: eventfd(2) takes two integers and returns a new fd or -1.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the fd was just created and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 impl FaultHandler {
     /// Starts the handler thread.
     pub fn spawn(ctx: FaultContext) -> io::Result<FaultHandler> {
         let stop = Arc::new(AtomicBool::new(false));
-        let wake = eventfd()?;
+        let wake = wake::eventfd()?;
         let wake_fd = wake.as_raw_fd();
         let s = stop.clone();
         let thread = std::thread::Builder::new()
@@ -110,15 +101,7 @@ impl FaultHandler {
 
     fn shutdown(&mut self) {
         self.stop.store(true, Ordering::Release);
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes from a live u64 to an eventfd we own.
-        unsafe {
-            libc::write(
-                self.wake.as_raw_fd(),
-                (&one as *const u64).cast(),
-                std::mem::size_of::<u64>(),
-            );
-        }
+        wake::signal(&self.wake);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -131,30 +114,12 @@ impl Drop for FaultHandler {
     }
 }
 
-/// Waits until the userfaultfd or the wake fd is readable (or 100 ms pass).
-fn wait_readable(uffd: i32, wake: i32) {
-    let mut fds = [
-        libc::pollfd {
-            fd: uffd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: wake,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    // SAFETY: `fds` is a live array of two pollfd structs.
-    unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
-}
-
 fn serve(ctx: &FaultContext, stop: &AtomicBool, wake_fd: i32) {
     let uffd = ctx.protector.uffd();
     let mut buf = EventBuffer::new(64);
     let mut addrs: Vec<usize> = Vec::with_capacity(64);
     while !stop.load(Ordering::Acquire) {
-        wait_readable(uffd.as_raw_fd(), wake_fd);
+        wake::wait_readable(uffd.as_raw_fd(), wake_fd, 100);
         addrs.clear();
         match uffd.read_events(&mut buf) {
             Ok(events) => {

@@ -19,6 +19,7 @@ pub mod host;
 pub mod open;
 pub mod postcopy;
 pub mod support;
+pub mod wake;
 pub mod write_tracking;
 
 pub use features::UffdFeatures;
