@@ -132,6 +132,19 @@ impl Ferry {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Waits up to `timeout` for the process's stderr to satisfy `done` (another process's
+    /// failure can be seen before this one has written why); returns the log either way.
+    pub fn wait_log(&self, timeout: Duration, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if done(&log) || Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The serial console so far.
     pub fn serial(&self) -> String {
         std::fs::read_to_string(&self.serial_path).unwrap_or_default()

@@ -198,11 +198,9 @@ fn a_client_not_allowed_by_tls_authz_is_refused() {
     start(&mut p, true, false);
     let info = p.src.wait_migration_end(Duration::from_secs(60));
     assert_eq!(info["status"], "failed", "{info}");
-    let log = p.dst.log();
-    assert!(
-        log.contains("TLS x509 authz check for") && log.contains("is denied"),
-        "{log}"
-    );
+    let denied = |log: &str| log.contains("TLS x509 authz check for") && log.contains("is denied");
+    let log = p.dst.wait_log(Duration::from_secs(10), denied);
+    assert!(denied(&log), "{log}");
     assert_source_intact(&mut p.src);
 }
 
