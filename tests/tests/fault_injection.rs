@@ -14,6 +14,7 @@
 //! | link down for good                     | veth down                               | fails     |
 //! | 10% "loss" + 50 ms delay               | proxy on host A (see tests::proxy)      | completes |
 //! | peer stops reading                     | SIGSTOP of the destination              | fails     |
+//! | destination freezes at switchover      | SIGSTOP during pause-before-switchover  | fails     |
 //! | disk full (file: target)               | 8 MiB tmpfs                             | fails     |
 //!
 //! Both sides run with `--migration-io-timeout 2`, so a stuck socket fails the
@@ -34,8 +35,8 @@ use std::time::{Duration, Instant};
 
 use migration_support::{
     assert_completed_and_identical, assert_destination_refused, assert_failed_with,
-    assert_source_intact, migrate, set_params, start_dest, start_source, wait_listening,
-    wait_transferred, Guest,
+    assert_source_intact, migrate, set_caps, set_params, start_dest, start_source, wait_listening,
+    wait_status, wait_transferred, Guest,
 };
 use serde_json::{json, Value};
 use tests::leaks::{wait_back_to, Resources};
@@ -391,6 +392,46 @@ fn fault_destination_that_stops_reading_fails_within_the_io_timeout() {
         "a destination that stopped reading is named as such: {err}"
     );
     // Woken up, the destination finds the stream cut short and refuses it.
+    drop(cont);
+    assert_destination_refused(&mut dst, Duration::from_secs(15));
+}
+
+#[test]
+fn fault_destination_frozen_at_switchover_fails_within_the_io_timeout() {
+    let _one = one_guest_test_at_a_time();
+    let test = "fault_destination_frozen_at_switchover_fails_within_the_io_timeout";
+    if skip_unless(test, kvm_missing()) {
+        return;
+    }
+    let Some(hosts) = host_pair_or_skip(test) else {
+        return;
+    };
+    let (mut src, mut dst, uri) = pair_on_hosts("f-frozen-end", &hosts, &GUEST, false);
+    set_caps(&mut src, &["pause-before-switchover"]);
+    let before = baseline(&src);
+    migrate(&mut src, &uri);
+    let paused = wait_status(&mut src, &["pre-switchover"], Duration::from_secs(30));
+    assert_eq!(paused["status"], "pre-switchover", "{paused}");
+    // Everything but the last pages and the device state is at the destination; it
+    // freezes before it can confirm loading them.
+    signal(dst.pid(), libc::SIGSTOP);
+    let cont = Continue(dst.pid());
+    src.cmd("migrate-continue", json!({"state": "pre-switchover"}));
+    let t0 = Instant::now();
+    let err = assert_failed_cleanly(
+        test,
+        &mut src,
+        &GUEST,
+        &before,
+        Duration::from_secs(20),
+        &["did not confirm loading"],
+    );
+    // --migration-io-timeout 2 after the last progress, not a fixed minute.
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "the source waited {:?}: {err}",
+        t0.elapsed()
+    );
     drop(cont);
     assert_destination_refused(&mut dst, Duration::from_secs(15));
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::RecvTimeoutError;
 use ram::{GuestRam, PAGE_SIZE};
 
-use super::precopy::{spawn_reply_reader, ReplyState, CONNECT_TIMEOUT, LOADED_TIMEOUT};
+use super::precopy::{spawn_reply_reader, ReplyState, CONNECT_TIMEOUT};
 use super::Shared;
 use crate::error::{MigrationError, Result};
 use crate::info::{MigrationStatus, Phase};
@@ -151,7 +151,7 @@ pub(super) fn migrate(
         Phase::Downtime,
         out.bytes_written() - before,
     );
-    replies.wait_loaded(&shared.cancel)?;
+    replies.wait_loaded(&shared.cancel, out.get_mut())?;
     Reply::Commit
         .write_to(out.get_mut())
         .map_err(|e| MigrationError::DestinationLost(format!("sending COMMIT: {e}")))?;
@@ -166,7 +166,8 @@ fn wait_mapped(shared: &Shared, replies: &mut ReplyState) -> Result<()> {
     let Some(rx) = replies.rx.clone() else {
         return Ok(());
     };
-    let deadline = Instant::now() + LOADED_TIMEOUT;
+    let limit = crate::transport::io_timeout();
+    let deadline = Instant::now() + limit;
     while !replies.switchover_acked {
         if shared.cancelled() {
             return Err(MigrationError::Cancelled);
@@ -183,7 +184,7 @@ fn wait_mapped(shared: &Shared, replies: &mut ReplyState) -> Result<()> {
             }
             Err(RecvTimeoutError::Timeout) if Instant::now() > deadline => {
                 return Err(MigrationError::DestinationLost(format!(
-                    "the destination did not map the guest's memory within {LOADED_TIMEOUT:?}"
+                    "the destination did not map the guest's memory within {limit:?}"
                 )))
             }
             Err(RecvTimeoutError::Timeout) => {}

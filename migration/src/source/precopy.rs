@@ -30,8 +30,6 @@ use crate::timeline::SampleKind;
 use crate::transport::{self, Channel, MigrationUri};
 use crate::xbzrle::XbzrleEncoder;
 
-/// How long the source waits for the destination to confirm it loaded everything.
-pub(super) const LOADED_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long connecting may take.
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Passes under the downtime threshold before Ferry switches over even if still shrinking.
@@ -187,10 +185,15 @@ impl ReplyState {
         }
     }
 
-    /// Waits for LOADED.
-    pub(super) fn wait_loaded(&mut self, cancel: &AtomicBool) -> Result<()> {
+    /// Waits for LOADED. The destination reads what is still in flight on `main` before it
+    /// confirms: the wait fails once `main`'s unacknowledged bytes stop shrinking for
+    /// [`crate::transport::io_timeout`] (a destination that froze or a link that died at
+    /// switchover), however long a slow link takes to deliver them.
+    pub(super) fn wait_loaded(&mut self, cancel: &AtomicBool, main: &Channel) -> Result<()> {
         let Some(rx) = &self.rx else { return Ok(()) };
-        let deadline = Instant::now() + LOADED_TIMEOUT;
+        let limit = crate::transport::io_timeout();
+        let mut queued = main.unacknowledged_bytes();
+        let mut since = Instant::now();
         loop {
             if cancel.load(Ordering::Acquire) {
                 return Err(MigrationError::Cancelled);
@@ -213,9 +216,15 @@ impl ReplyState {
                     ))
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    if Instant::now() > deadline {
+                    let now = main.unacknowledged_bytes();
+                    if now != queued {
+                        queued = now;
+                        since = Instant::now();
+                    } else if since.elapsed() > limit {
                         return Err(MigrationError::DestinationLost(format!(
-                            "no confirmation within {LOADED_TIMEOUT:?}"
+                            "the destination did not confirm loading the guest within {limit:?} \
+                             of its last progress ({} bytes unacknowledged)",
+                            queued.unwrap_or(0)
                         )));
                     }
                 }
@@ -666,7 +675,7 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
         out.bytes_written() - before,
     );
     if bidirectional {
-        replies.wait_loaded(&shared.cancel)?;
+        replies.wait_loaded(&shared.cancel, out.get_mut())?;
         Reply::Commit
             .write_to(out.get_mut())
             .map_err(|e| MigrationError::DestinationLost(format!("sending COMMIT: {e}")))?;

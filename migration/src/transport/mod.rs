@@ -181,6 +181,23 @@ impl Channel {
         }
     }
 
+    /// Bytes written into the channel that the peer has not taken yet (TCP: not yet
+    /// acknowledged; unix: not yet read); None for files or when the kernel does not say.
+    /// While it shrinks, the peer is making progress.
+    pub fn unacknowledged_bytes(&self) -> Option<u64> {
+        let fd = match self {
+            Channel::Tcp(s) => s.as_raw_fd(),
+            Channel::Unix(s) => s.as_raw_fd(),
+            Channel::File(_) => return None,
+            Channel::Tls(t) => t.raw_fd(),
+        };
+        let mut queued: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one c_int through the pointer, which points at
+        // a live local of that type; a bad descriptor only makes the call fail.
+        let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued as *mut libc::c_int) };
+        (r == 0).then(|| u64::try_from(queued).unwrap_or(0))
+    }
+
     /// Shuts both directions down, waking any thread blocked on the channel.
     pub fn shutdown(&self) {
         match self {

@@ -73,7 +73,8 @@ pub struct RunArgs {
     #[arg(long = "object", value_name = "TYPE,id=ID,...")]
     pub objects: Vec<String>,
     /// Seconds a migration socket may make no progress (a blocked write, unacknowledged data,
-    /// a silent peer) before the migration fails instead of hanging.
+    /// a silent peer, a destination that does not confirm the switchover) before the
+    /// migration fails instead of hanging.
     #[arg(long, default_value_t = 30.0)]
     pub migration_io_timeout: f64,
 }
