@@ -1,7 +1,9 @@
 //! The Ferry VMM: VM lifecycle, vCPU threads, the test guest, QMP server and CLI.
 
 pub mod app;
+#[cfg(feature = "tools")]
 pub mod bench;
+#[cfg(feature = "tools")]
 pub mod cli;
 pub mod commands;
 pub mod dirty;
@@ -10,6 +12,7 @@ pub mod hostpair;
 pub mod kvm;
 pub mod machine;
 pub mod qmp;
+#[cfg(feature = "tools")]
 pub mod report;
 pub mod snapshot;
 pub mod vcpu_thread;
