@@ -436,6 +436,102 @@ fn fault_destination_frozen_at_switchover_fails_within_the_io_timeout() {
     assert_destination_refused(&mut dst, Duration::from_secs(15));
 }
 
+/// A source frozen mid-stream (or a link that dies without a reset): the destination's
+/// kernel has nothing to report, so only a bound on silence ends its wait.
+fn source_frozen_mid_migration(test: &str, tag: &str, caps: &[&str], params: Value) {
+    let _one = one_guest_test_at_a_time();
+    if skip_unless(test, kvm_missing()) {
+        return;
+    }
+    let Some(hosts) = host_pair_or_skip(test) else {
+        return;
+    };
+    let (mut src, mut dst, uri) = pair_on_hosts(tag, &hosts, &GUEST, false);
+    if !caps.is_empty() {
+        set_caps(&mut src, caps);
+        set_caps(&mut dst, caps);
+    }
+    set_params(&mut src, params.clone());
+    set_params(&mut dst, params);
+    set_params(&mut src, json!({"max-bandwidth": 8 * MIB}));
+    migrate(&mut src, &uri);
+    let mid = wait_transferred(&mut src, 2 * MIB, Duration::from_secs(10));
+    assert_eq!(mid["status"], "active", "{mid}");
+    signal(src.pid(), libc::SIGSTOP);
+    let cont = Continue(src.pid());
+    let t0 = Instant::now();
+    let code = dst.wait_exit(Duration::from_secs(20));
+    let waited = t0.elapsed();
+    drop(cont);
+    assert_eq!(
+        code,
+        Some(1),
+        "the destination gives up on a frozen source\n{}",
+        dst.log()
+    );
+    assert_destination_refused(&mut dst, Duration::from_secs(1));
+    let log = dst.log();
+    assert!(
+        log.contains("the source sent nothing for 3s"),
+        "the destination says its source went silent:\n{log}"
+    );
+    // Silence limit: --migration-io-timeout 2, at least three 1 s keepalive intervals.
+    assert!(waited < Duration::from_secs(10), "{test}: took {waited:?}");
+    eprintln!("{test}: destination exited 1 after {waited:?}");
+    // Continued, the source finds its destination gone; its guest runs on intact.
+    let info = src.wait_migration_end(Duration::from_secs(30));
+    assert_eq!(info["status"], "failed", "{info}");
+    assert_source_intact(&mut src, &GUEST);
+}
+
+#[test]
+fn fault_source_frozen_makes_the_destination_exit_1_after_its_io_timeout() {
+    source_frozen_mid_migration(
+        "fault_source_frozen_makes_the_destination_exit_1_after_its_io_timeout",
+        "f-stopsrc",
+        &[],
+        json!({}),
+    );
+}
+
+#[test]
+fn fault_source_frozen_during_multifd_makes_the_destination_exit_1() {
+    source_frozen_mid_migration(
+        "fault_source_frozen_during_multifd_makes_the_destination_exit_1",
+        "f-stopsrc-mfd",
+        &["multifd"],
+        json!({"multifd-channels": 2}),
+    );
+}
+
+#[test]
+fn a_pause_before_switchover_longer_than_the_io_timeout_still_completes() {
+    let _one = one_guest_test_at_a_time();
+    let test = "a_pause_before_switchover_longer_than_the_io_timeout_still_completes";
+    if skip_unless(test, kvm_missing()) {
+        return;
+    }
+    let Some(hosts) = host_pair_or_skip(test) else {
+        return;
+    };
+    let (mut src, mut dst, uri) = pair_on_hosts("f-longpause", &hosts, &GUEST, true);
+    set_caps(&mut src, &["pause-before-switchover", "multifd"]);
+    set_caps(&mut dst, &["multifd"]);
+    migrate(&mut src, &uri);
+    let paused = wait_status(&mut src, &["pre-switchover"], Duration::from_secs(30));
+    assert_eq!(paused["status"], "pre-switchover", "{paused}");
+    // Three times the destination's silence limit (3 s): the source's keepalives carry it.
+    std::thread::sleep(Duration::from_secs(9));
+    assert_eq!(
+        dst.try_wait(),
+        None,
+        "the destination waits for a paused source:\n{}",
+        dst.log()
+    );
+    src.cmd("migrate-continue", json!({"state": "pre-switchover"}));
+    assert_completed_and_identical(&mut src, &mut dst, &GUEST);
+}
+
 /// A tmpfs of `size` mounted on a fresh directory; unmounted on drop.
 struct Tmpfs {
     dir: TempDir,

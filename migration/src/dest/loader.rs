@@ -381,6 +381,8 @@ pub fn load_stream_until<R: StreamSource>(
             Frame::Other(FrameKind::Ram, _) => {
                 return Err(StreamError::Invalid("malformed RAM frame".into()).into());
             }
+            // FrameReader::next skips these.
+            Frame::Other(FrameKind::Keepalive, _) => {}
         }
     }
 }

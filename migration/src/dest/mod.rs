@@ -2,6 +2,7 @@
 
 pub mod loader;
 mod local;
+pub mod silence_watch;
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -316,7 +317,14 @@ fn load(
     fresh_ram: bool,
 ) -> Result<()> {
     let (options, listener, security) = (&*env.shared.options, env.listener, env.security);
-    let mut reader = FrameReader::new(ch);
+    // A silent source fails the load after the io timeout (at least three keepalive
+    // intervals); local and postcopy loads take the plain channel back.
+    let silence = crate::transport::io_timeout().max(3 * crate::source::KEEPALIVE_INTERVAL);
+    let write_timeout = Some(crate::transport::io_timeout());
+    let mut reader = FrameReader::new(
+        silence_watch::SilenceWatch::new(ch, silence, write_timeout)
+            .map_err(|e| MigrationError::Vm(format!("cannot set the socket timeouts: {e}")))?,
+    );
     let header = Header::read_from(reader.get_mut())?;
     check_header(&header, vm)?;
     if header.has(FEATURE_POSTCOPY) {
@@ -328,7 +336,12 @@ fn load(
         }
     }
     if header.has(FEATURE_IGNORE_SHARED) {
-        return local::load(reader, options, reply_ch, vm);
+        return local::load(
+            reader.map_source(|w| w.into_inner(write_timeout)),
+            options,
+            reply_ch,
+            vm,
+        );
     }
     let (caps, params) = options.snapshot();
     let method = Method::from(params.multifd_compression);
@@ -353,7 +366,7 @@ fn load(
     }
     let mut multifd = if header.multifd_channels > 0 {
         let channels = accept_channels(listener, &header, MULTIFD_ACCEPT_TIMEOUT, security)?;
-        let main = reader.get_mut().try_clone().ok();
+        let main = reader.get_mut().get_ref().try_clone().ok();
         Some(MultifdReceiver::start(
             channels,
             method,
@@ -364,6 +377,9 @@ fn load(
     } else {
         None
     };
+    if let Some(m) = &multifd {
+        reader.get_mut().watch_also(m.progress());
+    }
     let mut progress = AckAfterFirstPass {
         want: header.has(FEATURE_SWITCHOVER_ACK),
         sent: false,
@@ -401,7 +417,7 @@ fn load(
                     vm,
                     hooks: env.hooks,
                 },
-                reader,
+                reader.map_source(|w| w.into_inner(write_timeout)),
                 reply,
                 crate::postcopy::incoming::Switch {
                     state,
@@ -415,8 +431,8 @@ fn load(
 }
 
 /// Loads the state, confirms (LOADED), waits for the source's COMMIT and starts the guest.
-fn finish(
-    reader: &mut FrameReader<Channel>,
+fn finish<R: crate::stream::frame::StreamSource>(
+    reader: &mut FrameReader<R>,
     state: &[u8],
     reply_ch: Option<&mut Channel>,
     vm: &dyn DestVm,

@@ -154,6 +154,8 @@ pub struct MultifdReceiver {
     error: Arc<Mutex<Option<String>>>,
     unsynced: Arc<Vec<AtomicU64>>,
     finishing: Arc<AtomicBool>,
+    /// Bytes received on every channel so far.
+    progress: Arc<AtomicU64>,
 }
 
 impl MultifdReceiver {
@@ -173,6 +175,7 @@ impl MultifdReceiver {
         let unsynced: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
         let main = main.map(Arc::new);
         let finishing = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(AtomicU64::new(0));
         let mut me = MultifdReceiver {
             sockets: Vec::with_capacity(n),
             threads: Vec::with_capacity(n),
@@ -181,6 +184,7 @@ impl MultifdReceiver {
             error: error.clone(),
             unsynced: unsynced.clone(),
             finishing: finishing.clone(),
+            progress: progress.clone(),
         };
         for (id, ch) in channels.into_iter().enumerate() {
             me.sockets
@@ -196,6 +200,7 @@ impl MultifdReceiver {
                 decompressor: Decompressor::new(method)
                     .map_err(|e| MigrationError::Vm(e.to_string()))?,
                 unsynced: unsynced.clone(),
+                progress: progress.clone(),
             };
             let (tx, err, main) = (synced_tx.clone(), error.clone(), main.clone());
             let finishing = finishing.clone();
@@ -227,6 +232,11 @@ impl MultifdReceiver {
             me.threads.push(t);
         }
         Ok(me)
+    }
+
+    /// Bytes received on all channels so far (grows while the source sends pages here).
+    pub fn progress(&self) -> Arc<AtomicU64> {
+        self.progress.clone()
     }
 
     /// The first error a channel reported, if any.
@@ -304,6 +314,7 @@ struct RecvChannel {
     method: Method,
     decompressor: Decompressor,
     unsynced: Arc<Vec<AtomicU64>>,
+    progress: Arc<AtomicU64>,
 }
 
 impl RecvChannel {
@@ -318,7 +329,9 @@ impl RecvChannel {
             } else {
                 self.err(e)
             }
-        })
+        })?;
+        self.progress.fetch_add(buf.len() as u64, Ordering::Release);
+        Ok(())
     }
 
     /// Reads a packet's fixed header; false when the channel ended cleanly before it.
@@ -328,7 +341,10 @@ impl RecvChannel {
             match self.ch.read(&mut head[got..]) {
                 Ok(0) if got == 0 => return Ok(false),
                 Ok(0) => return Err(self.err("the channel closed in the middle of a packet")),
-                Ok(n) => got += n,
+                Ok(n) => {
+                    got += n;
+                    self.progress.fetch_add(n as u64, Ordering::Release);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(self.err(e)),
             }
@@ -420,7 +436,10 @@ impl RecvChannel {
             } else {
                 self.err(e)
             }
-        })
+        })?;
+        self.progress
+            .fetch_add((iov.len() * PAGE_SIZE) as u64, Ordering::Release);
+        Ok(())
     }
 
     /// Reads compressed data and decompresses it into the pages: straight into guest

@@ -134,7 +134,10 @@ pub(crate) fn run(
     let caps = *shared.caps();
     let ram = shared.vm.ram();
     let pages = ram.page_count();
-    let stop_at = shared.stop_for_switchover(stopped_vcpus)?;
+    let mut out = h.out;
+    let stop_at = shared.stop_for_switchover(stopped_vcpus, &mut || {
+        crate::source::send_keepalive(&mut out)
+    })?;
     shared.set_status(MigrationStatus::PostcopyActive);
     shared.options.set_in_postcopy(true);
     shared.set_throttle(0);
@@ -146,7 +149,6 @@ pub(crate) fn run(
     shared.counters.inc_dirty_sync_count();
     h.tracker.stop();
     let to_send = Arc::new(h.bitmap);
-    let mut out = h.out;
     let before = out.bytes_written();
 
     // The pages the destination must drop, its state, and the switch itself.

@@ -138,7 +138,9 @@ pub(super) fn migrate(
 
     // Switchover: only vCPU and device state are left to move.
     let stop_at = Instant::now();
-    shared.stop_for_switchover(stopped_vcpus)?;
+    shared.stop_for_switchover(stopped_vcpus, &mut || {
+        super::send_keepalive(&mut out).map_err(|e| replies.explain(e))
+    })?;
     shared.set_status(MigrationStatus::Device);
     let state = shared.vm.save_state().map_err(MigrationError::Vm)?;
     let before = out.bytes_written();

@@ -290,10 +290,13 @@ impl Shared {
     /// The switchover's first step (QEMU's finish-migrate, then pre-switchover): stops the
     /// vCPUs if they run, noting it in `stopped_vcpus` so that a failure resumes them, then
     /// with pause-before-switchover waits in `pre-switchover` for migrate-continue with the
-    /// guest held stopped. Returns when the vCPUs were stopped (None: they were not running).
+    /// guest held stopped, calling `keepalive` every [`KEEPALIVE_INTERVAL`] meanwhile (the
+    /// destination fails a stream silent for its io timeout). Returns when the vCPUs were
+    /// stopped (None: they were not running).
     pub(crate) fn stop_for_switchover(
         &self,
         stopped_vcpus: &mut bool,
+        keepalive: &mut dyn FnMut() -> Result<(), MigrationError>,
     ) -> Result<Option<Instant>, MigrationError> {
         let mut stopped_at = None;
         if self.vm.is_running() {
@@ -303,30 +306,54 @@ impl Shared {
         }
         if self.caps().get(Capability::PauseBeforeSwitchover) {
             self.set_status(MigrationStatus::PreSwitchover);
-            if !self.wait_continue() {
+            if !self.wait_continue(keepalive)? {
                 return Err(MigrationError::Cancelled);
             }
         }
         Ok(stopped_at)
     }
 
-    /// Waits until `migrate-continue` or a cancel; returns false when cancelled.
-    pub(crate) fn wait_continue(&self) -> bool {
-        let mut s = self.lock_status();
+    /// Waits until `migrate-continue` (true) or a cancel (false), calling `keepalive` every
+    /// [`KEEPALIVE_INTERVAL`]; its error ends the wait.
+    fn wait_continue(
+        &self,
+        keepalive: &mut dyn FnMut() -> Result<(), MigrationError>,
+    ) -> Result<bool, MigrationError> {
+        let mut last = Instant::now();
         loop {
-            if self.cancelled() {
-                return false;
+            {
+                let s = self.lock_status();
+                if self.cancelled() {
+                    return Ok(false);
+                }
+                if self.continue_requested.swap(false, Ordering::AcqRel) {
+                    return Ok(true);
+                }
+                drop(
+                    self.status_cond
+                        .wait_timeout(s, std::time::Duration::from_millis(100))
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|p| p.into_inner().0),
+                );
             }
-            if self.continue_requested.swap(false, Ordering::AcqRel) {
-                return true;
+            if last.elapsed() >= KEEPALIVE_INTERVAL {
+                keepalive()?;
+                last = Instant::now();
             }
-            s = self
-                .status_cond
-                .wait_timeout(s, std::time::Duration::from_millis(100))
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
         }
     }
+}
+
+/// How often a source with nothing to send tells the destination it is alive.
+pub(crate) const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Sends an empty keepalive frame on the main stream.
+pub(crate) fn send_keepalive<W: std::io::Write>(
+    out: &mut crate::stream::frame::FrameWriter<W>,
+) -> Result<(), MigrationError> {
+    out.frame(crate::stream::frame::FrameKind::Keepalive, &[])?;
+    out.flush()?;
+    Ok(())
 }
 
 impl crate::multifd::SendEnv for Shared {

@@ -614,7 +614,9 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
     // Switchover: the guest stops first (QEMU's finish-migrate), then pre-switchover waits
     // for migrate-continue with the guest held stopped.
     let stop_at = Instant::now();
-    shared.stop_for_switchover(stopped_vcpus)?;
+    shared.stop_for_switchover(stopped_vcpus, &mut || {
+        super::send_keepalive(&mut out).map_err(|e| replies.explain(e))
+    })?;
     shared.set_status(MigrationStatus::Device);
     shared.limiter.lift();
     tracker.sync(&bitmap).map_err(MigrationError::Vm)?;

@@ -37,6 +37,9 @@ pub enum FrameKind {
     PostcopyRun = 7,
     /// Postcopy: first frame of a preempt channel or of a recovery connection (u64 id).
     PostcopyHello = 8,
+    /// Nothing (empty): the source is alive but has nothing to send (it waits for
+    /// migrate-continue in pre-switchover); readers skip it.
+    Keepalive = 9,
 }
 
 impl FrameKind {
@@ -50,6 +53,7 @@ impl FrameKind {
             6 => Some(FrameKind::PostcopyListen),
             7 => Some(FrameKind::PostcopyRun),
             8 => Some(FrameKind::PostcopyHello),
+            9 => Some(FrameKind::Keepalive),
             _ => None,
         }
     }
@@ -270,6 +274,15 @@ impl<R: StreamSource> FrameReader<R> {
         &mut self.r
     }
 
+    /// The same reader over `f(transport)` (frames read so far stay counted).
+    pub fn map_source<S: StreamSource>(self, f: impl FnOnce(R) -> S) -> FrameReader<S> {
+        FrameReader {
+            r: f(self.r),
+            buf: self.buf,
+            read: self.read,
+        }
+    }
+
     /// Bytes of frames read so far.
     pub fn bytes_read(&self) -> u64 {
         self.read
@@ -284,78 +297,85 @@ impl<R: StreamSource> FrameReader<R> {
     }
 
     /// Reads the next frame (a RAM frame's data must then be read with
-    /// [`FrameReader::read_ram_data`] before the next call).
+    /// [`FrameReader::read_ram_data`] before the next call); keepalive frames are checked
+    /// and skipped.
     pub fn next(&mut self, ram_size: u64) -> Result<Frame<'_>> {
-        let mut head = [0u8; FRAME_HEADER_LEN];
-        self.r
-            .read_exact(&mut head)
-            .map_err(|e| eof_as_truncated(e, "before the end of the stream"))?;
-        let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
-        let kind = FrameKind::from_u8(head[0])
-            .ok_or_else(|| StreamError::Invalid(format!("unknown frame type {}", head[0])))?;
-        if head[1] != 0 || head[2] != 0 || head[3] != 0 {
-            return Err(StreamError::Invalid(
-                "reserved frame header bits set".into(),
-            ));
-        }
-        if kind == FrameKind::Ram {
-            self.read_exact(8, "in a RAM frame")?;
-            let count =
-                u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
-            let data_len =
-                u32::from_le_bytes([self.buf[4], self.buf[5], self.buf[6], self.buf[7]]) as usize;
-            if count > MAX_ENTRIES || data_len > MAX_DATA {
-                return Err(StreamError::Invalid(format!(
-                    "RAM frame of {count} entries and {data_len} data bytes exceeds the limits"
-                )));
-            }
-            if len != 8 + count * ENTRY_LEN + FRAME_TRAILER_LEN + data_len {
+        loop {
+            let mut head = [0u8; FRAME_HEADER_LEN];
+            self.r
+                .read_exact(&mut head)
+                .map_err(|e| eof_as_truncated(e, "before the end of the stream"))?;
+            let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
+            let kind = FrameKind::from_u8(head[0])
+                .ok_or_else(|| StreamError::Invalid(format!("unknown frame type {}", head[0])))?;
+            if head[1] != 0 || head[2] != 0 || head[3] != 0 {
                 return Err(StreamError::Invalid(
-                    "RAM frame length does not match its counts".into(),
+                    "reserved frame header bits set".into(),
                 ));
             }
-            let counts = [
-                self.buf[0],
-                self.buf[1],
-                self.buf[2],
-                self.buf[3],
-                self.buf[4],
-                self.buf[5],
-                self.buf[6],
-                self.buf[7],
-            ];
-            self.read_exact(count * ENTRY_LEN + FRAME_TRAILER_LEN, "in a RAM directory")?;
-            let (entries, trailer) = self.buf.split_at(count * ENTRY_LEN);
+            if kind == FrameKind::Ram {
+                self.read_exact(8, "in a RAM frame")?;
+                let count = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+                    as usize;
+                let data_len =
+                    u32::from_le_bytes([self.buf[4], self.buf[5], self.buf[6], self.buf[7]])
+                        as usize;
+                if count > MAX_ENTRIES || data_len > MAX_DATA {
+                    return Err(StreamError::Invalid(format!(
+                        "RAM frame of {count} entries and {data_len} data bytes exceeds the limits"
+                    )));
+                }
+                if len != 8 + count * ENTRY_LEN + FRAME_TRAILER_LEN + data_len {
+                    return Err(StreamError::Invalid(
+                        "RAM frame length does not match its counts".into(),
+                    ));
+                }
+                let counts = [
+                    self.buf[0],
+                    self.buf[1],
+                    self.buf[2],
+                    self.buf[3],
+                    self.buf[4],
+                    self.buf[5],
+                    self.buf[6],
+                    self.buf[7],
+                ];
+                self.read_exact(count * ENTRY_LEN + FRAME_TRAILER_LEN, "in a RAM directory")?;
+                let (entries, trailer) = self.buf.split_at(count * ENTRY_LEN);
+                let mut h = Xxh3::new();
+                h.update(&head);
+                h.update(&counts);
+                h.update(entries);
+                let mut t = [0u8; 8];
+                t.copy_from_slice(trailer);
+                if h.digest() != u64::from_le_bytes(t) {
+                    return Err(StreamError::Checksum("a RAM frame directory"));
+                }
+                let dir = RamDirectory::decode(entries, count, data_len, ram_size)?;
+                self.read += (FRAME_HEADER_LEN + len - data_len) as u64;
+                return Ok(Frame::Ram(dir));
+            }
+            if len > MAX_FRAME_PAYLOAD {
+                return Err(StreamError::Invalid(format!(
+                    "frame length {len} exceeds the {MAX_FRAME_PAYLOAD}-byte limit"
+                )));
+            }
+            self.read_exact(len + FRAME_TRAILER_LEN, "inside a frame")?;
+            let (payload, trailer) = self.buf.split_at(len);
             let mut h = Xxh3::new();
             h.update(&head);
-            h.update(&counts);
-            h.update(entries);
+            h.update(payload);
             let mut t = [0u8; 8];
             t.copy_from_slice(trailer);
             if h.digest() != u64::from_le_bytes(t) {
-                return Err(StreamError::Checksum("a RAM frame directory"));
+                return Err(StreamError::Checksum("a frame"));
             }
-            let dir = RamDirectory::decode(entries, count, data_len, ram_size)?;
-            self.read += (FRAME_HEADER_LEN + len - data_len) as u64;
-            return Ok(Frame::Ram(dir));
+            self.read += (FRAME_HEADER_LEN + len + FRAME_TRAILER_LEN) as u64;
+            if kind == FrameKind::Keepalive {
+                continue;
+            }
+            return Ok(Frame::Other(kind, &self.buf[..len]));
         }
-        if len > MAX_FRAME_PAYLOAD {
-            return Err(StreamError::Invalid(format!(
-                "frame length {len} exceeds the {MAX_FRAME_PAYLOAD}-byte limit"
-            )));
-        }
-        self.read_exact(len + FRAME_TRAILER_LEN, "inside a frame")?;
-        let (payload, trailer) = self.buf.split_at(len);
-        let mut h = Xxh3::new();
-        h.update(&head);
-        h.update(payload);
-        let mut t = [0u8; 8];
-        t.copy_from_slice(trailer);
-        if h.digest() != u64::from_le_bytes(t) {
-            return Err(StreamError::Checksum("a frame"));
-        }
-        self.read += (FRAME_HEADER_LEN + len + FRAME_TRAILER_LEN) as u64;
-        Ok(Frame::Other(kind, &self.buf[..len]))
     }
 
     /// Reads a RAM frame's data area into the buffers `iov` describes (their lengths

@@ -25,7 +25,9 @@
 //!
 //! A *frame* is `[type u8][flags u8][reserved u16][len u32] payload[len] [xxh3-64 u64]`; the
 //! checksum covers the 8-byte frame header and the payload, so a flipped bit anywhere in a
-//! frame is detected. Payloads are at most [`MAX_FRAME_PAYLOAD`] bytes.
+//! frame is detected. Payloads are at most [`MAX_FRAME_PAYLOAD`] bytes. An empty KEEPALIVE
+//! frame says the source is alive with nothing to send (in `pre-switchover`); readers skip
+//! it, and a destination that hears nothing for its io timeout gives up.
 //!
 //! RAM frames differ (see [`ram`] for the layout and the reasoning): a directory of
 //! 24-byte entries `(ram_offset | flag, arg, hash)` with its own checksum, then the data
