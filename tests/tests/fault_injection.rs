@@ -472,7 +472,7 @@ fn source_frozen_mid_migration(test: &str, tag: &str, caps: &[&str], params: Val
     assert_destination_refused(&mut dst, Duration::from_secs(1));
     let log = dst.log();
     assert!(
-        log.contains("the source sent nothing for 3s"),
+        log.contains("nothing arrived from the source for 3s"),
         "the destination says its source went silent:\n{log}"
     );
     // Silence limit: --migration-io-timeout 2, at least three 1 s keepalive intervals.

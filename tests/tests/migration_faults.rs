@@ -341,7 +341,15 @@ fn a_destination_that_stops_reading_fails_the_migration_instead_of_hanging() {
         return;
     }
     let guest = SMALL;
-    let (mut src, mut dst, uri) = loopback_pair("stall", &guest);
+    let src = start_source("stall-src", &guest, guest.source(None));
+    // The destination would give up on the silent stream after its own io timeout: a
+    // longer one than the source's 30 s keeps this test about the source's detection.
+    let mut dopts = guest.dest("tcp:127.0.0.1:0", None);
+    dopts
+        .extra
+        .extend(["--migration-io-timeout".into(), "90".into()]);
+    let (mut dst, uri) = start_dest("stall-dst", dopts);
+    let mut src = src;
     // The peer takes 2 MiB, then reads no more (a hung destination, a stuck middlebox).
     let proxy = proxy_to(
         &uri,

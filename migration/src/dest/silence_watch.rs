@@ -75,7 +75,8 @@ impl SilenceWatch {
                         return Err(io::Error::new(
                             io::ErrorKind::TimedOut,
                             format!(
-                                "the source sent nothing for {:?}: it stopped or the link is down",
+                                "nothing arrived from the source for {:?}: the source stopped, or \
+                                 the link between the hosts is down or stuck",
                                 self.limit
                             ),
                         ));
@@ -125,7 +126,7 @@ mod tests {
         let t0 = Instant::now();
         let e = w.read(&mut [0u8; 8]).expect_err("silence");
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
-        assert!(e.to_string().contains("sent nothing"), "{e}");
+        assert!(e.to_string().contains("nothing arrived"), "{e}");
         assert!(t0.elapsed() >= Duration::from_millis(300));
     }
 
