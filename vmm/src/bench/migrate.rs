@@ -109,8 +109,10 @@ pub struct MigrateArgs {
     pub only: Vec<String>,
     /// Throughput configurations: plain,multifd-2,multifd-4,zstd-1,zlib-1,compress-1,
     /// compress-2 (legacy `compress` with 1 or 2 threads, zlib level 1) (default: these
-    /// seven), and tls,multifd-2-tls (plain and multifd-2 over TLS; each brings its
-    /// configuration without TLS along, and the table gives the ratio of the two).
+    /// seven), tls,multifd-2-tls (plain and multifd-2 over TLS; each brings its
+    /// configuration without TLS along, and the table gives the ratio of the two), and
+    /// multifd-2-zc (multifd-2 with zero-copy-send; brings multifd-2 along, and the table
+    /// compares the source's CPU per GiB).
     #[arg(long, value_delimiter = ',')]
     pub configs: Vec<String>,
     /// Destinations of the plain rows: fresh,prealloc,thp,fresh-1t,fresh-nopop (default

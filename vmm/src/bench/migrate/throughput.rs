@@ -32,6 +32,8 @@ pub struct Config {
     /// Main stream and every channel over TLS (certificates made at run time, see
     /// [`super::tls`]).
     pub tls: bool,
+    /// Multifd pages sent with MSG_ZEROCOPY (`zero-copy-send` on the source).
+    pub zero_copy: bool,
 }
 
 impl Config {
@@ -45,12 +47,27 @@ impl Config {
         self.multifd.is_some() || self.compress.is_some() || self.tls
     }
 
+    /// The destination's capabilities.
     fn caps(&self) -> Vec<(&'static str, bool)> {
         match (self.multifd, self.compress) {
             (Some(_), _) => vec![("multifd", true)],
             (None, Some(_)) => vec![("compress", true)],
             (None, None) => Vec::new(),
         }
+    }
+
+    /// The source's capabilities: the destination's, and zero-copy send.
+    fn source_caps(&self) -> Vec<(&'static str, bool)> {
+        let mut caps = self.caps();
+        if self.zero_copy {
+            caps.push(("zero-copy-send", true));
+        }
+        caps
+    }
+
+    /// The configuration a zero-copy row is compared with (the same, copying).
+    pub fn without_zero_copy(&self) -> Option<&'static str> {
+        self.zero_copy.then_some("multifd-2")
     }
 
     /// The same configuration without TLS (the reference of a TLS row).
@@ -82,60 +99,76 @@ impl Config {
 }
 
 /// Every configuration the benchmark knows (the first seven run by default).
-pub const CONFIGS: [Config; 9] = [
+pub const CONFIGS: [Config; 10] = [
     Config {
         name: "plain",
         multifd: None,
         compress: None,
         tls: false,
+        zero_copy: false,
     },
     Config {
         name: "multifd-2",
         multifd: Some((2, "none")),
         compress: None,
         tls: false,
+        zero_copy: false,
     },
     Config {
         name: "multifd-4",
         multifd: Some((4, "none")),
         compress: None,
         tls: false,
+        zero_copy: false,
     },
     Config {
         name: "zstd-1",
         multifd: Some((2, "zstd")),
         compress: None,
         tls: false,
+        zero_copy: false,
     },
     Config {
         name: "zlib-1",
         multifd: Some((2, "zlib")),
         compress: None,
         tls: false,
+        zero_copy: false,
     },
     Config {
         name: "compress-1",
         multifd: None,
         compress: Some(1),
         tls: false,
+        zero_copy: false,
     },
     Config {
         name: "compress-2",
         multifd: None,
         compress: Some(2),
         tls: false,
+        zero_copy: false,
     },
     Config {
         name: "tls",
         multifd: None,
         compress: None,
         tls: true,
+        zero_copy: false,
     },
     Config {
         name: "multifd-2-tls",
         multifd: Some((2, "none")),
         compress: None,
         tls: true,
+        zero_copy: false,
+    },
+    Config {
+        name: "multifd-2-zc",
+        multifd: Some((2, "none")),
+        compress: None,
+        tls: false,
+        zero_copy: true,
     },
 ];
 
@@ -167,6 +200,7 @@ pub fn configs(names: &[String]) -> Result<Vec<Config>, String> {
     for c in named {
         let base = c
             .without_tls()
+            .or_else(|| c.without_zero_copy())
             .and_then(|b| CONFIGS.iter().find(|x| x.name == b));
         for x in base.into_iter().chain([&c]) {
             if !out.contains(x) {
@@ -362,7 +396,7 @@ fn one_run(
     };
     let mut src = env.spawn(env.source_host(), "source", &src_args, &[])?;
     let mut caps = vec![("events", true)];
-    caps.extend(config.caps());
+    caps.extend(config.source_caps());
     let mut params = config.params();
     params["max-bandwidth"] = json!(0);
     if tls.is_some() {
@@ -793,6 +827,26 @@ pub fn table(rows: &[ThroughputRow], qemu: &QemuReference) -> String {
             );
         }
     }
+    for r in rows
+        .iter()
+        .filter(|r| CONFIGS.iter().any(|c| c.name == r.config && c.zero_copy))
+    {
+        let base = rows
+            .iter()
+            .find(|x| x.config == "multifd-2" && x.data_set == r.data_set && x.dest == r.dest);
+        if let (Some(m), Some(b)) = (r.ok(), base.and_then(ThroughputRow::ok)) {
+            let _ = writeln!(
+                t,
+                "  zero-copy send ({}, {}): source CPU {} s/GiB vs {} copying; {:.2} vs {:.2} GiB/s",
+                r.config,
+                r.data_set,
+                opt(m.source_cpu_s_per_gib, 2),
+                opt(b.source_cpu_s_per_gib, 2),
+                m.guest_gib_per_s,
+                b.guest_gib_per_s
+            );
+        }
+    }
     for r in rows {
         if let Some(p) = r.ok().and_then(|m| m.dest_populate.as_ref()) {
             let _ = writeln!(
@@ -812,7 +866,7 @@ mod tests {
     #[test]
     fn configurations_and_destinations_are_looked_up_by_name() {
         assert_eq!(configs(&[]).unwrap().len(), 7);
-        assert_eq!(CONFIGS.len(), 9);
+        assert_eq!(CONFIGS.len(), 10);
         let c = configs(&["zstd-1".into(), "plain".into()]).unwrap();
         assert_eq!(c[0].params()["multifd-zstd-level"], 1);
         assert_eq!(c[0].params()["multifd-compression"], "zstd");
@@ -847,6 +901,20 @@ mod tests {
         assert_eq!(c[1].streams(), 2);
         assert_eq!(c[1].params(), c[0].params());
         assert!(configs(&[]).unwrap().iter().all(|c| !c.tls));
+    }
+
+    #[test]
+    fn a_zero_copy_configuration_brings_multifd_2_and_sets_the_capability_on_the_source_only() {
+        let c = configs(&["multifd-2-zc".into()]).unwrap();
+        assert_eq!(
+            c.iter().map(|c| c.name).collect::<Vec<_>>(),
+            ["multifd-2", "multifd-2-zc"]
+        );
+        assert!(c[1].source_caps().contains(&("zero-copy-send", true)));
+        assert!(!c[1].caps().contains(&("zero-copy-send", true)));
+        assert!(!c[0].source_caps().contains(&("zero-copy-send", true)));
+        assert_eq!(c[1].params(), c[0].params());
+        assert!(configs(&[]).unwrap().iter().all(|c| !c.zero_copy));
     }
 
     #[test]
