@@ -579,8 +579,20 @@ fn measure_row(
     })
 }
 
-/// Runs the section: the TCP references, then every row. Returns the references, the rows
-/// and the errors of rows that could not run.
+/// What the section measured.
+pub struct Section {
+    /// TCP references (hot buffers), one per stream count.
+    pub tcp: Vec<TcpFigure>,
+    /// The memory-bound TCP reference on the random image (see
+    /// [`tcp::measure_memory_once`]).
+    pub tcp_memory: Option<TcpFigure>,
+    /// Every row.
+    pub rows: Vec<ThroughputRow>,
+    /// Errors of references and rows that could not run.
+    pub errors: Vec<String>,
+}
+
+/// Runs the section: the TCP references, then every row.
 pub fn run(
     env: &BenchEnv,
     data_sets: &[DataSet],
@@ -588,7 +600,7 @@ pub fn run(
     configs: &[Config],
     dests: &[Dest],
     runs: usize,
-) -> (Vec<TcpFigure>, Vec<ThroughputRow>, Vec<String>) {
+) -> Section {
     let mut errors = Vec::new();
     let mut refs: Vec<TcpFigure> = Vec::new();
     let mut streams: Vec<usize> = configs.iter().map(Config::streams).collect();
@@ -605,6 +617,16 @@ pub fn run(
             Err(e) => errors.push(format!("TCP reference with {n} stream(s): {e}")),
         }
     }
+    let tcp_memory = data_sets.iter().find(|d| d.kind == "random").and_then(|d| {
+        env.say(format!(
+            "TCP reference from the {} image into fresh memory, {} MiB",
+            d.kind,
+            memory >> 20
+        ));
+        tcp::measure_memory(&env.tcp_ends(), &d.path, memory, ref_runs)
+            .map_err(|e| errors.push(format!("memory-bound TCP reference: {e}")))
+            .ok()
+    });
     let tcp_for = |n: usize| refs.iter().find(|f| f.streams == n).map(|f| f.gib_per_s);
     let tls = if configs.iter().any(|c| c.tls) {
         match TlsCreds::generate(&env.dir) {
@@ -681,7 +703,12 @@ pub fn run(
             }
         }
     }
-    (refs, rows, errors)
+    Section {
+        tcp: refs,
+        tcp_memory,
+        rows,
+        errors,
+    }
 }
 
 /// The fastest the link carried a migration in this run (plain, random, fresh), else the
