@@ -128,6 +128,147 @@ fn file_backed_memory_migrates_to_and_from_other_backends() {
 }
 
 #[test]
+fn memfd_with_transparent_huge_pages_migrates_or_says_why_it_cannot_use_them() {
+    if skip_unless(
+        "memfd_with_transparent_huge_pages_migrates_or_says_why_it_cannot_use_them",
+        kvm_missing(),
+    ) {
+        return;
+    }
+    let _one = one_guest_test_at_a_time();
+    let shmem = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .unwrap_or_default();
+    let mut f = Ferry::start("memfd-thp-boot", &options("64M,hugepages=thp"));
+    wait_progress(&mut f);
+    let log = f.log();
+    let off = shmem.contains("[never]") || shmem.contains("[deny]") || shmem.is_empty();
+    assert_eq!(
+        log.contains("transparent huge pages for shared (memfd/tmpfs) memory are off"),
+        off,
+        "shmem_enabled is {shmem:?}; the warning says so exactly then:\n{log}"
+    );
+    drop(f);
+    round_trip(
+        "memfd-thp",
+        "64M,hugepages=thp",
+        "64M,backend=anon,hugepages=thp",
+        "64M,hugepages=thp",
+    );
+}
+
+/// Free and total 2 MiB huge pages of the host.
+fn huge_pages() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| {
+                v.trim_start_matches(':')
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    (field("HugePages_Free"), field("HugePages_Total"))
+}
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+/// Huge pages reserved for a test; the host's count comes back on drop.
+struct HugePageReservation {
+    before: u64,
+}
+
+impl HugePageReservation {
+    /// Reserves `pages` more huge pages (root only), or says why not.
+    fn reserve(pages: u64) -> Result<Self, String> {
+        let (_, before) = huge_pages();
+        std::fs::write(NR_HUGEPAGES, (before + pages).to_string())
+            .map_err(|e| format!("cannot write {NR_HUGEPAGES}: {e}"))?;
+        let me = HugePageReservation { before };
+        let (free, _) = huge_pages();
+        if free < pages {
+            return Err(format!(
+                "the host reserved only {free} free huge pages of {pages} asked for"
+            ));
+        }
+        Ok(me)
+    }
+}
+
+impl Drop for HugePageReservation {
+    fn drop(&mut self) {
+        let _ = std::fs::write(NR_HUGEPAGES, self.before.to_string());
+    }
+}
+
+/// A hugetlbfs mounted on a fresh directory; unmounted on drop.
+struct Hugetlbfs(TempDir);
+
+impl Hugetlbfs {
+    fn mount() -> Result<Self, String> {
+        let dir = TempDir::new("hugetlbfs");
+        let out = std::process::Command::new("mount")
+            .args(["-t", "hugetlbfs", "none"])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mount -t hugetlbfs failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(Hugetlbfs(dir))
+    }
+}
+
+impl Drop for Hugetlbfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .output();
+    }
+}
+
+#[test]
+fn hugetlb_memory_migrates_both_ways_and_refuses_background_snapshots() {
+    let test = "hugetlb_memory_migrates_both_ways_and_refuses_background_snapshots";
+    if skip_unless(test, kvm_missing()) {
+        return;
+    }
+    let _one = one_guest_test_at_a_time();
+    // Two 64 MiB guests at a time, with room to spare.
+    let _pages = match HugePageReservation::reserve(96) {
+        Ok(r) => r,
+        Err(why) => {
+            eprintln!("SKIP {test}: {why}");
+            return;
+        }
+    };
+    let fs = match Hugetlbfs::mount() {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("SKIP {test}: {why}");
+            return;
+        }
+    };
+    // memfd with hugetlb pages -> default memfd -> a file on hugetlbfs.
+    round_trip(
+        "hugetlb",
+        "64M,hugepages=hugetlb",
+        "64M",
+        &format!("64M,mem-path={},share=on", fs.0.join("guest").display()),
+    );
+    // Background snapshots of hugetlb memory are refused when the capability is set.
+    let dir = TempDir::new("hugetlb-snap");
+    snapshot_case("hugetlb", "64M,hugepages=hugetlb", &dir);
+}
+
+#[test]
 fn a_file_image_is_the_guests_memory_and_migrates_with_it() {
     if skip_unless(
         "a_file_image_is_the_guests_memory_and_migrates_with_it",
@@ -210,66 +351,80 @@ fn background_snapshots_work_where_the_backend_allows_and_are_refused_clearly_el
     let cases = [
         ("memfd", "64M".to_string()),
         ("anon", "64M,backend=anon".to_string()),
+        ("anon-thp", "64M,backend=anon,hugepages=thp".to_string()),
         (
             "disk-file",
             format!("64M,mem-path={},share=on", dir.join("disk.img").display()),
         ),
     ];
     for (name, memory) in cases {
-        let mut src = Ferry::start(&format!("snap-{name}"), &options(&memory));
-        wait_progress(&mut src);
-        let set = src.try_cmd(
-            "migrate-set-capabilities",
-            json!({"capabilities": [{"capability": "background-snapshot", "state": true}]}),
-        );
-        let err = match set {
-            Ok(_) => None,
-            Err(tests_err) => Some(tests_err.to_string()),
-        };
-        if name == "disk-file" {
-            // Userfaultfd cannot write-protect a file on a disk file system.
-            let e = err.unwrap_or_default();
-            assert!(
-                !e.is_empty(),
-                "{name}: background-snapshot must be refused for a plain file"
-            );
-            continue;
-        }
-        if let Some(e) = err {
-            // A host without userfaultfd write protection refuses for every backend.
-            eprintln!("SKIP snapshot of {name}: {e}");
-            continue;
-        }
-        let file = dir.join(&format!("{name}.snap"));
-        src.cmd(
-            "migrate",
-            json!({"uri": format!("file:{}", file.display())}),
-        );
-        let info = src.wait_migration_end(Duration::from_secs(60));
-        assert_eq!(info["status"], "completed", "{name}: {info}\n{}", src.log());
-        assert_eq!(src.status(), "running", "{name}: the guest runs on");
-        let snap = src.cmd("ferry-query-snapshot", json!({}));
-        let mut restored = Ferry::start(
-            &format!("snap-{name}-restored"),
-            &FerryOptions {
-                memory: "64M".into(),
-                vcpus: 1,
-                workload: None,
-                incoming: Some(format!("file:{}", file.display())),
-                extra: vec!["-S".into()],
-                ..FerryOptions::default()
-            },
-        );
-        let d = restored.wait_migration_end(Duration::from_secs(30));
-        assert_eq!(d["status"], "completed", "{name}: {d}\n{}", restored.log());
-        if let Some(digest) = snap.get("digest").filter(|d| d.is_string()) {
-            assert_eq!(
-                &restored.cmd("ferry-memory-page-digest", json!({}))["digest"],
-                digest,
-                "{name}: the restored memory is the memory at the snapshot's start"
-            );
-        }
-        let host = restored.cmd("ferry-host-verify", json!({}));
-        assert_eq!(host["bad-pages"], 0, "{name}: {host}");
+        snapshot_case(name, &memory, &dir);
     }
+}
+
+/// Takes a background snapshot of a guest with `memory` into `dir` and restores it (0 bad
+/// pages, the memory of the snapshot's start); a plain disk file and hugetlb memory must be
+/// refused.
+fn snapshot_case(name: &str, memory: &str, dir: &TempDir) {
+    let mut src = Ferry::start(&format!("snap-{name}"), &options(&memory));
+    wait_progress(&mut src);
+    let set = src.try_cmd(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "background-snapshot", "state": true}]}),
+    );
+    let err = match set {
+        Ok(_) => None,
+        Err(tests_err) => Some(tests_err.to_string()),
+    };
+    if name == "disk-file" || name == "hugetlb" {
+        // Userfaultfd cannot write-protect a file on a disk file system; Ferry's snapshot
+        // tracks 4 KiB pages only. Refused up front, with QEMU's words.
+        let e = err.unwrap_or_default();
+        assert!(
+            e.contains("Background-snapshot is not compatible with guest memory configuration"),
+            "{name}: background-snapshot must be refused: {e:?}"
+        );
+        assert_eq!(
+            src.cmd("query-migrate", json!({})).get("status"),
+            None,
+            "{name}: no migration ran"
+        );
+        return;
+    }
+    if let Some(e) = err {
+        // A host without userfaultfd write protection refuses for every backend.
+        eprintln!("SKIP snapshot of {name}: {e}");
+        return;
+    }
+    let file = dir.join(&format!("{name}.snap"));
+    src.cmd(
+        "migrate",
+        json!({"uri": format!("file:{}", file.display())}),
+    );
+    let info = src.wait_migration_end(Duration::from_secs(60));
+    assert_eq!(info["status"], "completed", "{name}: {info}\n{}", src.log());
+    assert_eq!(src.status(), "running", "{name}: the guest runs on");
+    let snap = src.cmd("ferry-query-snapshot", json!({}));
+    let mut restored = Ferry::start(
+        &format!("snap-{name}-restored"),
+        &FerryOptions {
+            memory: "64M".into(),
+            vcpus: 1,
+            workload: None,
+            incoming: Some(format!("file:{}", file.display())),
+            extra: vec!["-S".into()],
+            ..FerryOptions::default()
+        },
+    );
+    let d = restored.wait_migration_end(Duration::from_secs(30));
+    assert_eq!(d["status"], "completed", "{name}: {d}\n{}", restored.log());
+    if let Some(digest) = snap.get("digest").filter(|d| d.is_string()) {
+        assert_eq!(
+            &restored.cmd("ferry-memory-page-digest", json!({}))["digest"],
+            digest,
+            "{name}: the restored memory is the memory at the snapshot's start"
+        );
+    }
+    let host = restored.cmd("ferry-host-verify", json!({}));
+    assert_eq!(host["bad-pages"], 0, "{name}: {host}");
 }

@@ -5,8 +5,9 @@
 //! - [`WriteTrackingSupport::Absent`]: no userfaultfd, or no
 //!   `PAGEFAULT_FLAG_WP` in the kernel.
 //! - [`WriteTrackingSupport::Available`]: the kernel can write-protect, but
-//!   some RAM area cannot be registered for it (shmem and hugetlb also need
-//!   `WP_HUGETLBFS_SHMEM`; regular files cannot be tracked at all).
+//!   some RAM area cannot be registered for it (shmem also needs
+//!   `WP_HUGETLBFS_SHMEM`; regular files cannot be tracked at all), or is hugetlb
+//!   memory, which Ferry's background snapshot does not handle (2 MiB pages).
 //! - [`WriteTrackingSupport::Compatible`]: every area was really registered in
 //!   write-protect mode on a fresh userfaultfd, the kernel offered
 //!   `UFFDIO_WRITEPROTECT` on it, and it was unregistered again.
@@ -114,8 +115,16 @@ pub fn probe_write_tracking(areas: &[RamArea]) -> WriteTrackingReport {
 }
 
 /// Registers every area in write-protect mode on a fresh userfaultfd (QEMU's
-/// `ram_write_tracking_compatible`); `Err` says which area failed and why.
+/// `ram_write_tracking_compatible`); `Err` says which area failed and why. Hugetlb areas
+/// fail first: the kernel can write-protect them, but Ferry's background snapshot tracks
+/// 4 KiB pages only (see `snapshot::protect::strategy_for`).
 fn check_areas(areas: &[RamArea], wp_shmem: bool) -> Result<(), String> {
+    if let Some(a) = areas.iter().find(|a| a.kind == BackingKind::Hugetlb) {
+        return Err(format!(
+            "{} is hugetlb memory: Ferry's background snapshot tracks 4 KiB pages only",
+            a.name
+        ));
+    }
     if let Some(a) = areas
         .iter()
         .find(|a| needs_wp_hugetlbfs_shmem(a.kind) && !wp_shmem)
