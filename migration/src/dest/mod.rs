@@ -367,13 +367,10 @@ fn load(
     let mut multifd = if header.multifd_channels > 0 {
         let channels = accept_channels(listener, &header, MULTIFD_ACCEPT_TIMEOUT, security)?;
         let main = reader.get_mut().get_ref().try_clone().ok();
-        Some(MultifdReceiver::start(
-            channels,
-            method,
-            ram.clone(),
-            loader.book(),
-            main,
-        )?)
+        Some(
+            MultifdReceiver::start(channels, method, ram.clone(), loader.book(), main)?
+                .with_silence_limit(silence),
+        )
     } else {
         None
     };

@@ -156,6 +156,8 @@ pub struct MultifdReceiver {
     finishing: Arc<AtomicBool>,
     /// Bytes received on every channel so far.
     progress: Arc<AtomicU64>,
+    /// How long [`MultifdReceiver::sync`] waits with nothing arriving (None: forever).
+    silence_limit: Option<Duration>,
 }
 
 impl MultifdReceiver {
@@ -185,6 +187,7 @@ impl MultifdReceiver {
             unsynced: unsynced.clone(),
             finishing: finishing.clone(),
             progress: progress.clone(),
+            silence_limit: None,
         };
         for (id, ch) in channels.into_iter().enumerate() {
             me.sockets
@@ -252,7 +255,7 @@ impl MultifdReceiver {
     /// its SYNC for that pass, then lets them go on.
     pub fn sync(&mut self, pass: u64) -> Result<()> {
         for _ in 0..self.releases.len() {
-            match self.synced.recv() {
+            match self.next_synced()? {
                 Ok((_, Ok(p))) if p == pass => {}
                 Ok((id, Ok(p))) => {
                     return Err(chan_err(
@@ -268,6 +271,46 @@ impl MultifdReceiver {
             let _ = r.send(());
         }
         Ok(())
+    }
+
+    /// Bounds the wait of [`MultifdReceiver::sync`]: it fails once nothing arrives on any
+    /// channel for `limit` (a source that froze between its channels' SYNCs).
+    pub fn with_silence_limit(mut self, limit: Duration) -> Self {
+        self.silence_limit = Some(limit);
+        self
+    }
+
+    /// The next channel's SYNC (or error), waiting while bytes keep arriving somewhere.
+    fn next_synced(&self) -> Result<std::result::Result<Synced, crossbeam_channel::RecvError>> {
+        let Some(limit) = self.silence_limit else {
+            return Ok(self.synced.recv());
+        };
+        let mut last = self.progress.load(Ordering::Acquire);
+        let mut since = Instant::now();
+        loop {
+            match self
+                .synced
+                .recv_timeout(limit.min(Duration::from_millis(500)))
+            {
+                Ok(s) => return Ok(Ok(s)),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Ok(Err(crossbeam_channel::RecvError))
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    let now = self.progress.load(Ordering::Acquire);
+                    if now != last {
+                        last = now;
+                        since = Instant::now();
+                    } else if since.elapsed() >= limit {
+                        return Err(MigrationError::Stream(StreamError::Invalid(format!(
+                            "nothing arrived from the source for {limit:?} while the destination \
+                             waited for every multifd channel's SYNC: the source stopped, or the \
+                             link between the hosts is down or stuck"
+                        ))));
+                    }
+                }
+            }
+        }
     }
 
     /// The END frame: stops the channels (each must be parked after its last SYNC, with

@@ -360,6 +360,20 @@ fn raw_channel(method: Method, tag: &str) -> (std::os::unix::net::UnixStream, Mu
 }
 
 #[test]
+fn a_sync_that_never_comes_fails_after_the_silence_limit() {
+    let (_c, r) = raw_channel(Method::None, "silent-sync");
+    let mut r = r.with_silence_limit(Duration::from_millis(300));
+    let t0 = std::time::Instant::now();
+    let e = r.sync(1).expect_err("a silent source").to_string();
+    assert!(e.contains("nothing arrived from the source"), "{e}");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t0.elapsed()
+    );
+}
+
+#[test]
 fn a_corrupt_compressed_packet_fails_the_channel_with_a_clear_error() {
     let (mut c, mut r) = raw_channel(Method::Zstd, "corrupt");
     let h = PacketHeader {
