@@ -117,6 +117,24 @@ impl Drop for TempDir {
     }
 }
 
+/// Free and total 2 MiB huge pages of the host (/proc/meminfo).
+pub fn huge_pages() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| {
+                v.trim_start_matches(':')
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    (field("HugePages_Free"), field("HugePages_Total"))
+}
+
 /// A free TCP port on 127.0.0.1 (bound then released; good enough for tests).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

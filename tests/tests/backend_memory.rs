@@ -6,26 +6,9 @@ use std::time::Duration;
 
 use serde_json::json;
 use tests::{
-    ferry_bin, kvm_missing, one_guest_test_at_a_time, skip_unless, Ferry, FerryOptions, TempDir,
+    ferry_bin, huge_pages, kvm_missing, one_guest_test_at_a_time, skip_unless, Ferry, FerryOptions,
+    TempDir,
 };
-
-/// Free and total huge pages of the host.
-fn huge_pages() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| {
-                v.trim_start_matches(':')
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0)
-    };
-    (field("HugePages_Free"), field("HugePages_Total"))
-}
 
 #[test]
 fn hugetlb_without_enough_free_pages_is_refused_with_the_numbers() {

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use tests::{
-    free_port, kvm_missing, one_guest_test_at_a_time, skip_unless, Ferry, FerryOptions, TempDir,
+    free_port, huge_pages, kvm_missing, one_guest_test_at_a_time, skip_unless, Ferry, FerryOptions,
+    TempDir,
 };
 
 /// Small guests: a 16 MiB working set rewritten at 20000 pages/s.
@@ -154,24 +155,6 @@ fn memfd_with_transparent_huge_pages_migrates_or_says_why_it_cannot_use_them() {
         "64M,backend=anon,hugepages=thp",
         "64M,hugepages=thp",
     );
-}
-
-/// Free and total 2 MiB huge pages of the host.
-fn huge_pages() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| {
-                v.trim_start_matches(':')
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0)
-    };
-    (field("HugePages_Free"), field("HugePages_Total"))
 }
 
 const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
