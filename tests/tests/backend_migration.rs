@@ -349,7 +349,7 @@ fn background_snapshots_work_where_the_backend_allows_and_are_refused_clearly_el
 /// pages, the memory of the snapshot's start); a plain disk file and hugetlb memory must be
 /// refused.
 fn snapshot_case(name: &str, memory: &str, dir: &TempDir) {
-    let mut src = Ferry::start(&format!("snap-{name}"), &options(&memory));
+    let mut src = Ferry::start(&format!("snap-{name}"), &options(memory));
     wait_progress(&mut src);
     let set = src.try_cmd(
         "migrate-set-capabilities",
