@@ -271,6 +271,58 @@ fn a_failure_after_the_destination_mapped_the_memory_leaves_the_source_its_only_
     assert_eq!(bad, 0);
 }
 
+#[test]
+fn a_frozen_source_makes_the_local_destination_give_up_and_leaves_the_source_its_memory() {
+    if skip_unless(
+        "a_frozen_source_makes_the_local_destination_give_up_and_leaves_the_source_its_memory",
+        kvm_missing(),
+    ) {
+        return;
+    }
+    let mut src = source("local-frozen-src", "512M");
+    let mut dst = Ferry::start(
+        "local-frozen-dst",
+        &FerryOptions {
+            memory: "512M".into(),
+            vcpus: 2,
+            workload: None,
+            incoming: Some("defer".into()),
+            extra: vec!["--migration-io-timeout".into(), "2".into()],
+            ..FerryOptions::default()
+        },
+    );
+    ignore_shared(&mut src, true);
+    ignore_shared(&mut dst, true);
+    let uri = format!("unix:{}", dst.dir.join("migration.sock").display());
+    dst.cmd("migrate-incoming", json!({ "uri": uri }));
+    src.cmd(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}),
+    );
+    src.cmd("migrate", json!({ "uri": uri }));
+    src.wait_migration(Duration::from_secs(30), |i| i["status"] == "pre-switchover");
+    // The destination mapped the memory and waits for the state; the source freezes.
+    let pid = src.pid() as i32;
+    // SAFETY: kill(2) on a child process this test started; no memory is involved.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let code = dst.wait_exit(Duration::from_secs(20));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(code, Some(1), "the destination gives up\n{}", dst.log());
+    let log = dst.log();
+    assert!(
+        log.contains("nothing arrived from the source for 3s"),
+        "the destination says why:\n{log}"
+    );
+    // Continued, the source learns why the destination left (its next keepalive fails, or
+    // the reply says so) and runs its guest in its memory again.
+    let info = src.wait_migration_end(Duration::from_secs(30));
+    assert_eq!(info["status"], "failed", "{info}");
+    assert_eq!(src.status(), "running");
+    let (_, bad) = src.guest_verify();
+    assert_eq!(bad, 0);
+}
+
 /// A stream that claims shared memory but then carries pages is refused before a byte of
 /// the shared memory is written; one that passes no descriptor is refused too.
 #[test]

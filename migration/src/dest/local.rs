@@ -4,6 +4,7 @@
 use std::fs::File;
 
 use super::loader::{load_stream, RamLoader};
+use super::silence_watch::SilenceWatch;
 use super::{finish, AckAfterFirstPass};
 use crate::error::{MigrationError, Result};
 use crate::options::{Capability, MigrationOptions};
@@ -17,7 +18,7 @@ use crate::vm::DestVm;
 /// state like any migration. The guest memory is shared with the running source from the
 /// moment it is mapped: nothing here writes it, and a stream carrying pages is refused.
 pub(super) fn load(
-    mut reader: FrameReader<Channel>,
+    mut reader: FrameReader<SilenceWatch>,
     options: &MigrationOptions,
     mut reply_ch: Option<&mut Channel>,
     vm: &dyn DestVm,
@@ -28,17 +29,25 @@ pub(super) fn load(
         )
         .into());
     }
-    let sock = reader.get_mut().as_unix().ok_or_else(|| {
-        StreamError::Invalid(
+    let watch = reader.get_mut();
+    if watch.get_ref().as_unix().is_none() {
+        return Err(StreamError::Invalid(
             "a shared-memory (x-ignore-shared) stream arrived on a channel that cannot pass file descriptors (only a plain unix: socket can)".into(),
         )
-    })?;
+        .into());
+    }
     let mut payload = [0u8; SHARED_RAM_PAYLOAD_LEN];
-    let fd = fd_passing::recv_fd(sock, &mut payload).map_err(|e| {
-        MigrationError::Stream(StreamError::Invalid(format!(
-            "receiving the guest memory's file descriptor: {e}"
-        )))
-    })?;
+    let fd = watch
+        .with_whole_limit(|ch| match ch.as_unix() {
+            Some(sock) => fd_passing::recv_fd(sock, &mut payload),
+            None => Err(std::io::Error::other("not a unix socket")),
+        })
+        .and_then(|r| r)
+        .map_err(|e| {
+            MigrationError::Stream(StreamError::Invalid(format!(
+                "receiving the guest memory's file descriptor: {e}"
+            )))
+        })?;
     let size = u64::from_le_bytes(payload);
     let ram = vm.ram();
     if size != ram.size() {

@@ -318,7 +318,7 @@ fn load(
 ) -> Result<()> {
     let (options, listener, security) = (&*env.shared.options, env.listener, env.security);
     // A silent source fails the load after the io timeout (at least three keepalive
-    // intervals); local and postcopy loads take the plain channel back.
+    // intervals); a postcopy load takes the plain channel back.
     let silence = crate::transport::io_timeout().max(3 * crate::source::KEEPALIVE_INTERVAL);
     let write_timeout = Some(crate::transport::io_timeout());
     let mut reader = FrameReader::new(
@@ -336,12 +336,7 @@ fn load(
         }
     }
     if header.has(FEATURE_IGNORE_SHARED) {
-        return local::load(
-            reader.map_source(|w| w.into_inner(write_timeout)),
-            options,
-            reply_ch,
-            vm,
-        );
+        return local::load(reader, options, reply_ch, vm);
     }
     let (caps, params) = options.snapshot();
     let method = Method::from(params.multifd_compression);
@@ -414,7 +409,7 @@ fn load(
                     vm,
                     hooks: env.hooks,
                 },
-                reader.map_source(|w| w.into_inner(write_timeout)),
+                reader.map_source(silence_watch::SilenceWatch::into_inner),
                 reply,
                 crate::postcopy::incoming::Switch {
                     state,

@@ -2,7 +2,8 @@
 //! from the source, on the main stream or on any multifd channel, for the io timeout
 //! fails instead of waiting forever (a source that froze, a link that died without a
 //! reset). The source sends keepalive frames while it has nothing to send (see
-//! `source::send_keepalive`), so silence means trouble.
+//! `source::send_keepalive`), so silence means trouble. Precopy and local loads read through
+//! it; postcopy takes the plain channel back (it pauses and recovers instead).
 
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +20,7 @@ const TICK: Duration = Duration::from_millis(500);
 pub struct SilenceWatch {
     ch: Channel,
     limit: Duration,
+    write_timeout: Option<Duration>,
     /// Bytes received on other channels (the multifd ones) so far.
     other: Option<Arc<AtomicU64>>,
 }
@@ -31,6 +33,7 @@ impl SilenceWatch {
         Ok(SilenceWatch {
             ch,
             limit,
+            write_timeout,
             other: None,
         })
     }
@@ -45,10 +48,20 @@ impl SilenceWatch {
         &self.ch
     }
 
-    /// The channel back, reads blocking without a bound again (`write_timeout` kept).
-    pub fn into_inner(self, write_timeout: Option<Duration>) -> Channel {
-        let _ = self.ch.set_timeouts(None, write_timeout);
+    /// The channel back, reads blocking without a bound again (the write timeout kept).
+    pub fn into_inner(self) -> Channel {
+        let _ = self.ch.set_timeouts(None, self.write_timeout);
         self.ch
+    }
+
+    /// Runs `f` on the channel with one read bounded by the whole silence limit, for a read
+    /// that cannot be retried in pieces (a message carrying file descriptors).
+    pub fn with_whole_limit<T>(&self, f: impl FnOnce(&Channel) -> T) -> io::Result<T> {
+        self.ch.set_timeouts(Some(self.limit), self.write_timeout)?;
+        let r = f(&self.ch);
+        self.ch
+            .set_timeouts(Some(TICK.min(self.limit)), self.write_timeout)?;
+        Ok(r)
     }
 
     /// Runs `op` until it gets bytes (or the end of the stream, or an error), retrying
@@ -158,7 +171,7 @@ mod tests {
         let mut all = Vec::new();
         w.read_to_end(&mut all).expect("read");
         assert_eq!(all, b"abc");
-        let ch = w.into_inner(None);
+        let ch = w.into_inner();
         assert!(matches!(ch, Channel::Unix(_)));
     }
 }
