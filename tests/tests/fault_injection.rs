@@ -66,6 +66,16 @@ fn with_io_timeout(mut o: FerryOptions) -> FerryOptions {
     o
 }
 
+/// The start of every fault case: one guest test at a time, and KVM and the two namespace
+/// hosts present (None: skipped, the reason printed).
+fn fault_case(test: &str) -> Option<(tests::netns::GuestTestGuard, HostPair)> {
+    let one = one_guest_test_at_a_time();
+    if skip_unless(test, kvm_missing()) {
+        return None;
+    }
+    Some((one, host_pair_or_skip(test)?))
+}
+
 /// A source on host A and a destination listening on host B (port 4444).
 fn pair_on_hosts(
     tag: &str,
@@ -119,12 +129,8 @@ fn assert_failed_cleanly(
 
 #[test]
 fn fault_destination_killed_fails_with_a_clear_error_and_leaks_nothing() {
-    let _one = one_guest_test_at_a_time();
     let test = "fault_destination_killed_fails_with_a_clear_error_and_leaks_nothing";
-    if skip_unless(test, kvm_missing()) {
-        return;
-    }
-    let Some(hosts) = host_pair_or_skip(test) else {
+    let Some((_one, hosts)) = fault_case(test) else {
         return;
     };
     let (mut src, mut dst, uri) = pair_on_hosts("f-killdst", &hosts, &GUEST, false);
@@ -146,12 +152,8 @@ fn fault_destination_killed_fails_with_a_clear_error_and_leaks_nothing() {
 
 #[test]
 fn fault_source_killed_makes_the_destination_exit_1_without_a_guest() {
-    let _one = one_guest_test_at_a_time();
     let test = "fault_source_killed_makes_the_destination_exit_1_without_a_guest";
-    if skip_unless(test, kvm_missing()) {
-        return;
-    }
-    let Some(hosts) = host_pair_or_skip(test) else {
+    let Some((_one, hosts)) = fault_case(test) else {
         return;
     };
     let (mut src, mut dst, uri) = pair_on_hosts("f-killsrc", &hosts, &GUEST, false);
@@ -182,12 +184,8 @@ fn fault_source_killed_makes_the_destination_exit_1_without_a_guest() {
 
 #[test]
 fn fault_link_down_for_one_second_then_up_completes_with_every_page() {
-    let _one = one_guest_test_at_a_time();
     let test = "fault_link_down_for_one_second_then_up_completes_with_every_page";
-    if skip_unless(test, kvm_missing()) {
-        return;
-    }
-    let Some(hosts) = host_pair_or_skip(test) else {
+    let Some((_one, hosts)) = fault_case(test) else {
         return;
     };
     // An outage shorter than the I/O timeout is only a pause: TCP retransmits once the
@@ -234,12 +232,8 @@ fn fault_link_down_for_one_second_then_up_completes_with_every_page() {
 
 #[test]
 fn fault_link_down_for_good_fails_within_the_io_timeout() {
-    let _one = one_guest_test_at_a_time();
     let test = "fault_link_down_for_good_fails_within_the_io_timeout";
-    if skip_unless(test, kvm_missing()) {
-        return;
-    }
-    let Some(hosts) = host_pair_or_skip(test) else {
+    let Some((_one, hosts)) = fault_case(test) else {
         return;
     };
     let (mut src, mut dst, uri) = pair_on_hosts("f-down", &hosts, &GUEST, false);
@@ -270,12 +264,8 @@ fn fault_link_down_for_good_fails_within_the_io_timeout() {
 
 #[test]
 fn fault_lossy_slow_link_completes_with_every_page() {
-    let _one = one_guest_test_at_a_time();
     let test = "fault_lossy_slow_link_completes_with_every_page";
-    if skip_unless(test, kvm_missing()) {
-        return;
-    }
-    let Some(hosts) = host_pair_or_skip(test) else {
+    let Some((_one, hosts)) = fault_case(test) else {
         return;
     };
     // 50 ms each way and a 200 ms retransmission stall for 10% of the chunks: about
@@ -354,12 +344,8 @@ fn signal(pid: u32, sig: i32) {
 
 #[test]
 fn fault_destination_that_stops_reading_fails_within_the_io_timeout() {
-    let _one = one_guest_test_at_a_time();
     let test = "fault_destination_that_stops_reading_fails_within_the_io_timeout";
-    if skip_unless(test, kvm_missing()) {
-        return;
-    }
-    let Some(hosts) = host_pair_or_skip(test) else {
+    let Some((_one, hosts)) = fault_case(test) else {
         return;
     };
     // 32 MiB: more than the socket buffers of both ends take, so writes block while
@@ -398,12 +384,8 @@ fn fault_destination_that_stops_reading_fails_within_the_io_timeout() {
 
 #[test]
 fn fault_destination_frozen_at_switchover_fails_within_the_io_timeout() {
-    let _one = one_guest_test_at_a_time();
     let test = "fault_destination_frozen_at_switchover_fails_within_the_io_timeout";
-    if skip_unless(test, kvm_missing()) {
-        return;
-    }
-    let Some(hosts) = host_pair_or_skip(test) else {
+    let Some((_one, hosts)) = fault_case(test) else {
         return;
     };
     let (mut src, mut dst, uri) = pair_on_hosts("f-frozen-end", &hosts, &GUEST, false);
@@ -439,11 +421,7 @@ fn fault_destination_frozen_at_switchover_fails_within_the_io_timeout() {
 /// A source frozen mid-stream (or a link that dies without a reset): the destination's
 /// kernel has nothing to report, so only a bound on silence ends its wait.
 fn source_frozen_mid_migration(test: &str, tag: &str, caps: &[&str], params: Value) {
-    let _one = one_guest_test_at_a_time();
-    if skip_unless(test, kvm_missing()) {
-        return;
-    }
-    let Some(hosts) = host_pair_or_skip(test) else {
+    let Some((_one, hosts)) = fault_case(test) else {
         return;
     };
     let (mut src, mut dst, uri) = pair_on_hosts(tag, &hosts, &GUEST, false);
@@ -506,12 +484,8 @@ fn fault_source_frozen_during_multifd_makes_the_destination_exit_1() {
 
 #[test]
 fn a_pause_before_switchover_longer_than_the_io_timeout_still_completes() {
-    let _one = one_guest_test_at_a_time();
     let test = "a_pause_before_switchover_longer_than_the_io_timeout_still_completes";
-    if skip_unless(test, kvm_missing()) {
-        return;
-    }
-    let Some(hosts) = host_pair_or_skip(test) else {
+    let Some((_one, hosts)) = fault_case(test) else {
         return;
     };
     let (mut src, mut dst, uri) = pair_on_hosts("f-longpause", &hosts, &GUEST, true);
