@@ -99,6 +99,22 @@ fn pair_on_hosts(
     (src, dst, uri)
 }
 
+/// Waits up to `timeout` for the destination to exit with 1, refusing the incoming guest and
+/// saying why (one of `words` in its log); returns how long that took.
+fn assert_destination_gave_up(dst: &mut Ferry, timeout: Duration, words: &[&str]) -> Duration {
+    let t0 = Instant::now();
+    let code = dst.wait_exit(timeout);
+    let waited = t0.elapsed();
+    assert_eq!(code, Some(1), "the destination exits with 1\n{}", dst.log());
+    assert_destination_refused(dst, Duration::from_secs(1));
+    let log = dst.log();
+    assert!(
+        words.iter().any(|w| log.contains(w)),
+        "the destination says why (one of {words:?}):\n{log}"
+    );
+    waited
+}
+
 /// What the source holds before `migrate` (its QMP connection is open already).
 fn baseline(src: &Ferry) -> Resources {
     Resources::of(src.pid())
@@ -165,21 +181,9 @@ fn fault_source_killed_makes_the_destination_exit_1_without_a_guest() {
     assert_eq!(d["status"], "active", "the destination is loading: {d}");
     assert_eq!(dst.status(), "inmigrate");
     src.kill();
-    let t0 = Instant::now();
-    let code = dst.wait_exit(Duration::from_secs(10));
-    assert_eq!(
-        code,
-        Some(1),
-        "the destination exits with 1 when its source dies\n{}",
-        dst.log()
-    );
-    assert_destination_refused(&mut dst, Duration::from_secs(1));
-    let log = dst.log();
-    assert!(
-        log.contains("truncated") || log.contains("reset"),
-        "the destination says the stream ended early:\n{log}"
-    );
-    eprintln!("{test}: destination exited 1 after {:?}", t0.elapsed());
+    let waited =
+        assert_destination_gave_up(&mut dst, Duration::from_secs(10), &["truncated", "reset"]);
+    eprintln!("{test}: destination exited 1 after {waited:?}");
 }
 
 #[test]
@@ -437,22 +441,12 @@ fn source_frozen_mid_migration(test: &str, tag: &str, caps: &[&str], params: Val
     assert_eq!(mid["status"], "active", "{mid}");
     signal(src.pid(), libc::SIGSTOP);
     let cont = Continue(src.pid());
-    let t0 = Instant::now();
-    let code = dst.wait_exit(Duration::from_secs(20));
-    let waited = t0.elapsed();
+    let waited = assert_destination_gave_up(
+        &mut dst,
+        Duration::from_secs(20),
+        &["nothing arrived from the source for 3s"],
+    );
     drop(cont);
-    assert_eq!(
-        code,
-        Some(1),
-        "the destination gives up on a frozen source\n{}",
-        dst.log()
-    );
-    assert_destination_refused(&mut dst, Duration::from_secs(1));
-    let log = dst.log();
-    assert!(
-        log.contains("nothing arrived from the source for 3s"),
-        "the destination says its source went silent:\n{log}"
-    );
     // Silence limit: --migration-io-timeout 2, at least three 1 s keepalive intervals.
     assert!(waited < Duration::from_secs(10), "{test}: took {waited:?}");
     eprintln!("{test}: destination exited 1 after {waited:?}");
