@@ -115,6 +115,16 @@ fn assert_destination_gave_up(dst: &mut Ferry, timeout: Duration, words: &[&str]
     waited
 }
 
+/// Starts the migration at `bandwidth` bytes/s and waits until `bytes` have gone, the
+/// migration still active: the moment each fault strikes. Returns that query-migrate.
+fn migrate_until_mid_way(src: &mut Ferry, uri: &str, bandwidth: u64, bytes: u64) -> Value {
+    set_params(src, json!({ "max-bandwidth": bandwidth }));
+    migrate(src, uri);
+    let mid = wait_transferred(src, bytes, Duration::from_secs(10));
+    assert_eq!(mid["status"], "active", "{mid}");
+    mid
+}
+
 /// What the source holds before `migrate` (its QMP connection is open already).
 fn baseline(src: &Ferry) -> Resources {
     Resources::of(src.pid())
@@ -150,11 +160,8 @@ fn fault_destination_killed_fails_with_a_clear_error_and_leaks_nothing() {
         return;
     };
     let (mut src, mut dst, uri) = pair_on_hosts("f-killdst", &hosts, &GUEST, false);
-    set_params(&mut src, json!({"max-bandwidth": 8 * MIB}));
     let before = baseline(&src);
-    migrate(&mut src, &uri);
-    let mid = wait_transferred(&mut src, 2 * MIB, Duration::from_secs(10));
-    assert_eq!(mid["status"], "active", "{mid}");
+    migrate_until_mid_way(&mut src, &uri, 8 * MIB, 2 * MIB);
     dst.kill();
     assert_failed_cleanly(
         test,
@@ -173,10 +180,7 @@ fn fault_source_killed_makes_the_destination_exit_1_without_a_guest() {
         return;
     };
     let (mut src, mut dst, uri) = pair_on_hosts("f-killsrc", &hosts, &GUEST, false);
-    set_params(&mut src, json!({"max-bandwidth": 8 * MIB}));
-    migrate(&mut src, &uri);
-    let mid = wait_transferred(&mut src, 2 * MIB, Duration::from_secs(10));
-    assert_eq!(mid["status"], "active", "{mid}");
+    migrate_until_mid_way(&mut src, &uri, 8 * MIB, 2 * MIB);
     let d = dst.cmd("query-migrate", json!({}));
     assert_eq!(d["status"], "active", "the destination is loading: {d}");
     assert_eq!(dst.status(), "inmigrate");
@@ -212,10 +216,7 @@ fn fault_link_down_for_one_second_then_up_completes_with_every_page() {
     ));
     dopts.extra.push("-S".into());
     let (mut dst, uri) = start_dest("f-flap-dst", dopts);
-    set_params(&mut src, json!({"max-bandwidth": 8 * MIB}));
-    migrate(&mut src, &uri);
-    let mid = wait_transferred(&mut src, 2 * MIB, Duration::from_secs(10));
-    assert_eq!(mid["status"], "active", "{mid}");
+    let mid = migrate_until_mid_way(&mut src, &uri, 8 * MIB, 2 * MIB);
     let at_cut = mid["ram"]["transferred"].as_u64().unwrap_or(0);
     hosts.link_down().expect("take the link down");
     std::thread::sleep(Duration::from_secs(1));
@@ -241,11 +242,8 @@ fn fault_link_down_for_good_fails_within_the_io_timeout() {
         return;
     };
     let (mut src, mut dst, uri) = pair_on_hosts("f-down", &hosts, &GUEST, false);
-    set_params(&mut src, json!({"max-bandwidth": 8 * MIB}));
     let before = baseline(&src);
-    migrate(&mut src, &uri);
-    let mid = wait_transferred(&mut src, 2 * MIB, Duration::from_secs(10));
-    assert_eq!(mid["status"], "active", "{mid}");
+    migrate_until_mid_way(&mut src, &uri, 8 * MIB, 2 * MIB);
     hosts.link_down().expect("take the link down");
     let t0 = Instant::now();
     let err = assert_failed_cleanly(
@@ -359,11 +357,8 @@ fn fault_destination_that_stops_reading_fails_within_the_io_timeout() {
         ..GUEST
     };
     let (mut src, mut dst, uri) = pair_on_hosts("f-sigstop", &hosts, &guest, false);
-    set_params(&mut src, json!({"max-bandwidth": 16 * MIB}));
     let before = baseline(&src);
-    migrate(&mut src, &uri);
-    let mid = wait_transferred(&mut src, 2 * MIB, Duration::from_secs(10));
-    assert_eq!(mid["status"], "active", "{mid}");
+    migrate_until_mid_way(&mut src, &uri, 16 * MIB, 2 * MIB);
     // The destination process freezes: its kernel still acknowledges what fits in the
     // socket buffer, then the window closes and the source's writes stop progressing.
     signal(dst.pid(), libc::SIGSTOP);
@@ -435,10 +430,7 @@ fn source_frozen_mid_migration(test: &str, tag: &str, caps: &[&str], params: Val
     }
     set_params(&mut src, params.clone());
     set_params(&mut dst, params);
-    set_params(&mut src, json!({"max-bandwidth": 8 * MIB}));
-    migrate(&mut src, &uri);
-    let mid = wait_transferred(&mut src, 2 * MIB, Duration::from_secs(10));
-    assert_eq!(mid["status"], "active", "{mid}");
+    migrate_until_mid_way(&mut src, &uri, 8 * MIB, 2 * MIB);
     signal(src.pid(), libc::SIGSTOP);
     let cont = Continue(src.pid());
     let waited = assert_destination_gave_up(
@@ -797,11 +789,8 @@ fn qmp_flood_during_a_migration_answers_every_command_and_the_migration_complete
     dopts.extra.push("-S".into());
     let (mut dst, uri) = start_dest("flood-dst", dopts);
     // About two seconds of migration at 16 MiB/s.
-    set_params(&mut src, json!({"max-bandwidth": 16 * MIB}));
     let before = baseline(&src);
-    migrate(&mut src, &uri);
-    let mid = wait_transferred(&mut src, MIB, Duration::from_secs(10));
-    assert_eq!(mid["status"], "active", "{mid}");
+    migrate_until_mid_way(&mut src, &uri, 16 * MIB, MIB);
     let qmp = src.qmp_path.clone();
     let go = Arc::new(AtomicBool::new(false));
     let answered_while_active = Arc::new(AtomicU64::new(0));
