@@ -13,13 +13,13 @@
 use std::sync::Arc;
 
 use devices::{GuestControl, Serial, SerialOutput};
-use ferry_fuzz::{control, ram, reseal_stream, NoProgress, SliceSource};
+use ferry_fuzz::{ram, stream_input, NoProgress, SliceSource};
 use libfuzzer_sys::fuzz_target;
 use migration::dest::loader::{check_header, load_stream_until, LoadEnd, RamLoader};
 use migration::multifd::packet::Method;
 use migration::multifd::recv::{check_settings, LocalSettings};
 use migration::stream::frame::FrameReader;
-use migration::stream::header::{Header, FEATURE_IGNORE_SHARED};
+use migration::stream::header::FEATURE_IGNORE_SHARED;
 use migration::vm::DestVm;
 use ram::GuestRam;
 use vmm::vm_adapter::{SavedState, SAVED_STATE_VERSION};
@@ -61,15 +61,7 @@ fn restore_devices(ram: &Arc<GuestRam>, state: &[u8]) -> Result<(), String> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((reseal, rest)) = control(data) else {
-        return;
-    };
-    let mut buf = rest.to_vec();
-    if reseal {
-        reseal_stream(&mut buf);
-    }
-    let mut input = &buf[..];
-    let Ok(header) = Header::read_from(&mut input) else {
+    let Some((header, frames)) = stream_input(data) else {
         return;
     };
     let vm = Vm(ram());
@@ -85,7 +77,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let ram = vm.ram();
-    let mut reader = FrameReader::new(SliceSource(input));
+    let mut reader = FrameReader::new(SliceSource(&frames[..]));
     let mut loader = RamLoader::new(&ram, false);
     if let Ok(LoadEnd::Complete(state)) =
         load_stream_until(&mut reader, &mut loader, &mut NoProgress)

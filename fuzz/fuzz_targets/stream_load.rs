@@ -9,29 +9,20 @@
 
 #![no_main]
 
-use ferry_fuzz::{control, ram, reseal_stream, NoProgress, SliceSource};
+use ferry_fuzz::{ram, stream_input, NoProgress, SliceSource};
 use libfuzzer_sys::fuzz_target;
 use migration::dest::loader::{load_stream, RamLoader};
 use migration::stream::frame::FrameReader;
-use migration::stream::header::Header;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((reseal, rest)) = control(data) else {
-        return;
-    };
-    let mut buf = rest.to_vec();
-    if reseal {
-        reseal_stream(&mut buf);
-    }
-    let mut input = &buf[..];
-    let Ok(header) = Header::read_from(&mut input) else {
+    let Some((header, frames)) = stream_input(data) else {
         return;
     };
     let ram = ram();
     if header.ram_size != ram.size() {
         return;
     }
-    let mut reader = FrameReader::new(SliceSource(input));
+    let mut reader = FrameReader::new(SliceSource(&frames[..]));
     let mut loader = RamLoader::new(&ram, false);
     let _ = load_stream(&mut reader, &mut loader, &mut NoProgress);
 });

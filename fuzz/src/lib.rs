@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock};
 
 use migration::dest::loader::LoadProgress;
 use migration::stream::frame::StreamSource;
+use migration::stream::header::Header;
 use ram::{Backend, GuestRam, HugePages, MemoryConfig};
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -77,6 +78,21 @@ impl StreamSource for SliceSource<'_> {
         }
         Ok(done)
     }
+}
+
+/// A migration-stream input: the control byte off, resealed unless it says otherwise, its
+/// header parsed. Returns the header and the bytes after it (None: no header there).
+pub fn stream_input(data: &[u8]) -> Option<(Header, Vec<u8>)> {
+    let (reseal, rest) = control(data)?;
+    let mut buf = rest.to_vec();
+    if reseal {
+        reseal_stream(&mut buf);
+    }
+    let mut input = &buf[..];
+    let header = Header::read_from(&mut input).ok()?;
+    let consumed = buf.len() - input.len();
+    buf.drain(..consumed);
+    Some((header, buf))
 }
 
 /// Splits the control byte off an input: `(reseal, rest)`.
