@@ -28,6 +28,8 @@ pub mod rate_limit;
 pub mod snapshot;
 pub mod source;
 pub mod stream;
+#[cfg(test)]
+mod test_pages;
 pub mod timeline;
 pub mod transport;
 pub mod uffd;

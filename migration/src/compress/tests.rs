@@ -6,7 +6,7 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use ram::{AtomicBitmap, Backend, GuestRam, MemoryConfig, PAGE_SIZE};
+use ram::{AtomicBitmap, GuestRam, PAGE_SIZE};
 
 use super::*;
 use crate::dest::loader::{load_stream, LoadProgress, RamLoader};
@@ -16,45 +16,17 @@ use crate::rate_limit::RateLimiter;
 use crate::source::ram_sender::RamSender;
 use crate::stream::frame::{FrameKind, FrameReader, FrameWriter};
 use crate::stream::ram::FLAG_COMPRESS;
+use crate::test_pages::{anon_ram, fill_mixed};
 
 const RAM_SIZE: u64 = 4 << 20;
 
 fn new_ram() -> Arc<GuestRam> {
-    Arc::new(
-        GuestRam::new(&MemoryConfig {
-            size: RAM_SIZE,
-            backend: Backend::AnonymousPrivate,
-            ..MemoryConfig::default()
-        })
-        .unwrap(),
-    )
+    anon_ram(RAM_SIZE)
 }
 
 /// Zero, text-like, random and repeated-byte pages.
 fn fill(ram: &GuestRam, seed: u64) {
-    let mut x = 0x1234_5678_9abc_def0u64 ^ seed;
-    for p in 0..ram.page_count() {
-        let mut page = vec![0u8; PAGE_SIZE];
-        match (p + seed) % 4 {
-            0 => {}
-            1 => {
-                let line = format!("page {p} seed {seed}: the quick brown fox\n");
-                for (i, b) in page.iter_mut().enumerate() {
-                    *b = line.as_bytes()[i % line.len()];
-                }
-            }
-            2 => {
-                for b in page.iter_mut() {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    *b = x as u8;
-                }
-            }
-            _ => page.fill(p as u8 | 1),
-        }
-        ram.write_page(p, &page).unwrap();
-    }
+    fill_mixed(ram, seed, 0..ram.page_count());
 }
 
 struct NoProgress;

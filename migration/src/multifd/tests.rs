@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ram::{AtomicBitmap, Backend, GuestRam, MemoryConfig, PAGE_SIZE};
+use ram::{AtomicBitmap, GuestRam, PAGE_SIZE};
 
 use super::packet::{Handshake, PacketHeader, PacketPages, FLAG_ZSTD, PAGES_PER_PACKET};
 use super::recv::{accept_channels, check_settings, LocalSettings};
@@ -16,6 +16,7 @@ use crate::dest::loader::PageBook;
 use crate::info::{Channel, MigrationCounters, Phase};
 use crate::rate_limit::RateLimiter;
 use crate::stream::header::{Header, FEATURE_MULTIFD, STREAM_VERSION};
+use crate::test_pages::{anon_ram, fill_mixed};
 use crate::transport::{Listener, MigrationUri};
 
 struct TestEnv {
@@ -40,41 +41,7 @@ const RAM_SIZE: u64 = 8 << 20;
 const UUID: [u8; 16] = [9; 16];
 
 fn new_ram() -> Arc<GuestRam> {
-    Arc::new(
-        GuestRam::new(&MemoryConfig {
-            size: RAM_SIZE,
-            backend: Backend::AnonymousPrivate,
-            ..MemoryConfig::default()
-        })
-        .unwrap(),
-    )
-}
-
-/// Fills pages with a mix: zero, text-like, random, repeated bytes.
-fn fill(ram: &GuestRam, generation: u64, pages: impl Iterator<Item = u64>) {
-    let mut x = 0x1234_5678_9abc_def0u64 ^ generation;
-    for p in pages {
-        let mut page = vec![0u8; PAGE_SIZE];
-        match (p + generation) % 4 {
-            0 => {}
-            1 => {
-                let text = format!("page {p} generation {generation} lorem ipsum dolor sit amet ");
-                for (i, b) in page.iter_mut().enumerate() {
-                    *b = text.as_bytes()[i % text.len()];
-                }
-            }
-            2 => {
-                for b in page.iter_mut() {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    *b = x as u8;
-                }
-            }
-            _ => page.fill((p ^ generation) as u8 | 1),
-        }
-        ram.write_page(p, &page).unwrap();
-    }
+    anon_ram(RAM_SIZE)
 }
 
 fn header(channels: u8, method: Method) -> Header {
@@ -112,7 +79,7 @@ fn migrate(
 ) -> (Arc<GuestRam>, Arc<PageBook>, Arc<TestEnv>) {
     let src = new_ram();
     let pages = RAM_SIZE / PAGE_SIZE as u64;
-    fill(&src, 0, 0..pages);
+    fill_mixed(&src, 0, 0..pages);
     let uri = socket_uri(tag);
     let listener = Listener::bind(&uri).unwrap();
     let dst = new_ram();
@@ -166,7 +133,7 @@ fn migrate(
     // Pages change between passes; each pass resends them (possibly on other channels).
     for (pass, generation) in [(2u64, 1u64), (3, 2)] {
         let changed: Vec<u64> = (0..pages).filter(|p| p % 7 == generation).collect();
-        fill(&src, generation, changed.iter().copied());
+        fill_mixed(&src, generation, changed.iter().copied());
         for &p in &changed {
             bitmap.set(p);
         }
@@ -485,7 +452,7 @@ fn a_cancelled_sender_stops_promptly() {
         drop(chans);
     });
     let src = new_ram();
-    fill(&src, 0, 0..RAM_SIZE / 4096);
+    fill_mixed(&src, 0, 0..RAM_SIZE / 4096);
     let e = env();
     let cfg = SendConfig {
         channels: 2,
@@ -572,7 +539,7 @@ fn file_uris_and_zero_copy_without_tcp_are_refused() {
 fn zero_copy_over_tcp_delivers_the_same_memory() {
     let src = new_ram();
     let pages = RAM_SIZE / 4096;
-    fill(&src, 0, 0..pages);
+    fill_mixed(&src, 0, 0..pages);
     let listener = Listener::bind(&MigrationUri::Tcp {
         host: "127.0.0.1".into(),
         port: 0,
@@ -631,7 +598,7 @@ fn zero_copy_over_tcp_delivers_the_same_memory() {
 fn channels_share_the_rate_limit() {
     let src = new_ram();
     let pages = RAM_SIZE / 4096;
-    fill(&src, 0, 0..pages);
+    fill_mixed(&src, 0, 0..pages);
     let uri = socket_uri("rate");
     let listener = Listener::bind(&uri).unwrap();
     let dst = new_ram();
