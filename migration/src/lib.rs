@@ -27,6 +27,7 @@ pub mod qapi;
 pub mod rate_limit;
 pub mod snapshot;
 pub mod source;
+pub mod stall;
 pub mod stream;
 #[cfg(test)]
 mod test_pages;

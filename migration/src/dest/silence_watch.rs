@@ -8,8 +8,9 @@
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crate::stall::StallClock;
 use crate::stream::frame::StreamSource;
 use crate::transport::Channel;
 
@@ -70,8 +71,7 @@ impl SilenceWatch {
         &mut self,
         mut op: impl FnMut(&mut Channel) -> io::Result<usize>,
     ) -> io::Result<usize> {
-        let mut since = Instant::now();
-        let mut other = self.other_bytes();
+        let mut clock = StallClock::new(self.other_bytes(), self.limit);
         loop {
             match op(&mut self.ch) {
                 Err(e)
@@ -80,11 +80,7 @@ impl SilenceWatch {
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) =>
                 {
-                    let now = self.other_bytes();
-                    if now != other {
-                        other = now;
-                        since = Instant::now();
-                    } else if since.elapsed() >= self.limit {
+                    if clock.stalled(self.other_bytes()) {
                         return Err(io::Error::new(
                             io::ErrorKind::TimedOut,
                             format!(
@@ -124,6 +120,7 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::os::unix::net::UnixStream;
+    use std::time::Instant;
 
     fn pair(limit: Duration) -> (SilenceWatch, UnixStream) {
         let (a, b) = UnixStream::pair().expect("socketpair");

@@ -18,6 +18,7 @@ use super::packet::{
 };
 use crate::dest::loader::PageBook;
 use crate::error::{MigrationError, Result};
+use crate::stall::StallClock;
 use crate::stream::frame::read_iov_exact;
 use crate::stream::header::{Header, FEATURE_MULTIFD};
 use crate::stream::StreamError;
@@ -285,8 +286,7 @@ impl MultifdReceiver {
         let Some(limit) = self.silence_limit else {
             return Ok(self.synced.recv());
         };
-        let mut last = self.progress.load(Ordering::Acquire);
-        let mut since = Instant::now();
+        let mut clock = StallClock::new(self.progress.load(Ordering::Acquire), limit);
         loop {
             match self
                 .synced
@@ -297,11 +297,7 @@ impl MultifdReceiver {
                     return Ok(Err(crossbeam_channel::RecvError))
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    let now = self.progress.load(Ordering::Acquire);
-                    if now != last {
-                        last = now;
-                        since = Instant::now();
-                    } else if since.elapsed() >= limit {
+                    if clock.stalled(self.progress.load(Ordering::Acquire)) {
                         return Err(MigrationError::Stream(StreamError::Invalid(format!(
                             "nothing arrived from the source for {limit:?} while the destination \
                              waited for every multifd channel's SYNC: the source stopped, or the \

@@ -20,6 +20,7 @@ use crate::error::{MigrationError, Result};
 use crate::info::{MigrationStatus, Phase};
 use crate::multifd::{Method, MultifdSender, SendConfig, SendEnv};
 use crate::options::Capability;
+use crate::stall::StallClock;
 use crate::stream::frame::{FrameKind, FrameWriter};
 use crate::stream::header::{
     Header, FEATURE_COMPRESS, FEATURE_MULTIFD, FEATURE_SWITCHOVER_ACK, FEATURE_VALIDATE_UUID,
@@ -192,8 +193,7 @@ impl ReplyState {
     pub(super) fn wait_loaded(&mut self, cancel: &AtomicBool, main: &Channel) -> Result<()> {
         let Some(rx) = &self.rx else { return Ok(()) };
         let limit = crate::transport::io_timeout();
-        let mut queued = main.unacknowledged_bytes();
-        let mut since = Instant::now();
+        let mut unacked = StallClock::new(main.unacknowledged_bytes(), limit);
         loop {
             if cancel.load(Ordering::Acquire) {
                 return Err(MigrationError::Cancelled);
@@ -216,15 +216,11 @@ impl ReplyState {
                     ))
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    let now = main.unacknowledged_bytes();
-                    if now != queued {
-                        queued = now;
-                        since = Instant::now();
-                    } else if since.elapsed() > limit {
+                    if unacked.stalled(main.unacknowledged_bytes()) {
                         return Err(MigrationError::DestinationLost(format!(
                             "the destination did not confirm loading the guest within {limit:?} \
                              of its last progress ({} bytes unacknowledged)",
-                            queued.unwrap_or(0)
+                            unacked.last().unwrap_or(0)
                         )));
                     }
                 }
