@@ -524,6 +524,13 @@ pub fn threads_for_populate() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
 
+/// Threads that populate an incoming guest's memory while pages arrive: one per CPU but the
+/// one the receiver needs, at least 1 and at most 8 (on a 2-core host a second populating
+/// thread only takes turns with the receiver: 2.02 vs 2.15 GiB/s, mixed image, fresh memory).
+pub fn threads_for_incoming_populate() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).clamp(1, 8))
+}
+
 impl Drop for GuestRam {
     fn drop(&mut self) {
         for r in &self.regions {

@@ -200,16 +200,17 @@ impl Vmm {
 }
 
 /// Environment variable that tunes populating an incoming guest's memory ahead of the
-/// receiver: `off`, `on` (the default: one thread per CPU, at most 8) or a thread count.
+/// receiver: `off`, `on` (the default: one thread per CPU but the receiver's, at least 1 and
+/// at most 8) or a thread count.
 pub const POPULATE_ENV: &str = "FERRY_INCOMING_POPULATE";
 
 /// Threads for the incoming populate, from [`POPULATE_ENV`]; None when it is off.
 fn populate_threads(setting: Option<&str>) -> Option<usize> {
     match setting.map(str::trim) {
-        None | Some("" | "on") => Some(ram::guest_ram::threads_for_populate()),
+        None | Some("" | "on") => Some(ram::guest_ram::threads_for_incoming_populate()),
         Some("off" | "0") => None,
         Some(n) => Some(n.parse::<usize>().map_or_else(
-            |_| ram::guest_ram::threads_for_populate(),
+            |_| ram::guest_ram::threads_for_incoming_populate(),
             |n| n.clamp(1, 64),
         )),
     }

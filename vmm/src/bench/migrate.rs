@@ -115,10 +115,11 @@ pub struct MigrateArgs {
     /// compares the source's CPU per GiB).
     #[arg(long, value_delimiter = ',')]
     pub configs: Vec<String>,
-    /// Destinations of the plain rows: fresh,prealloc,thp,fresh-1t,fresh-nopop (default
-    /// fresh,prealloc; multifd rows go into a fresh destination). `thp` is fresh anonymous
-    /// memory with huge pages; `fresh-1t` / `fresh-nopop` populate ahead of the receiver
-    /// with one thread / not at all.
+    /// Destinations of the plain rows: fresh,prealloc,thp,fresh-1t,fresh-2t,fresh-nopop
+    /// (default fresh,prealloc; multifd rows go into a fresh destination). `thp` is fresh
+    /// anonymous memory with huge pages; `fresh-1t` / `fresh-2t` / `fresh-nopop` populate
+    /// ahead of the receiver with one thread / two / not at all (`fresh`: one per CPU but
+    /// the receiver's).
     #[arg(long, value_delimiter = ',')]
     pub dest: Vec<String>,
     /// Migrations of the dirtying guest for the downtime figures (default 5; 2 with --quick).

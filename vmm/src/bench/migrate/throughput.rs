@@ -224,8 +224,9 @@ pub struct Dest {
 
 /// Every destination the benchmark knows: fresh memory (populated ahead of the receiver,
 /// Ferry's default), preallocated memory, fresh anonymous memory with transparent huge
-/// pages, and fresh memory populated by one thread or not at all (to measure the populate).
-pub const DESTS: [Dest; 5] = [
+/// pages, and fresh memory populated by one thread, by two, or not at all (to measure the
+/// populate).
+pub const DESTS: [Dest; 6] = [
     Dest {
         name: "fresh",
         memory_suffix: "",
@@ -245,6 +246,11 @@ pub const DESTS: [Dest; 5] = [
         name: "fresh-1t",
         memory_suffix: "",
         env: &[(crate::app::POPULATE_ENV, "1")],
+    },
+    Dest {
+        name: "fresh-2t",
+        memory_suffix: "",
+        env: &[(crate::app::POPULATE_ENV, "2")],
     },
     Dest {
         name: "fresh-nopop",
