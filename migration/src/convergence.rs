@@ -12,6 +12,8 @@
 //!                        SyncExactly  -> sync the dirty log, then
 //!                                        switchover_decision(Pending::Exact(dirty bytes), ..)
 //!                        Complete     -> lift the rate limit, stop the vCPUs, send the rest
+//! after each pass      sync, then after_sync(dirty bytes, bytes queued on the sockets, ..)
+//!                        Iterate / DrainFirst (let the queues drain, guest running) / Complete
 //! every dirty-log sync DirtyPeriodTracker::on_sync(report)       (closes a period after > 1 s)
 //!                        -> dirty-pages-rate, and the period auto-converge judges
 //! ```
@@ -265,6 +267,45 @@ pub fn switchover_decision(
     }
 }
 
+/// What the migration loop does after an exact sync, given what the sockets still hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterSync {
+    /// Send another round of dirty pages.
+    Iterate,
+    /// The dirty bytes fit the budget but the bytes still queued on the sockets do not:
+    /// let the queues drain with the guest running, then send and sync again.
+    DrainFirst,
+    /// Stop the guest and send what is left.
+    Complete,
+}
+
+/// Ferry's addition to QEMU's rule after an exact sync: bytes already written to the sockets
+/// but not yet acknowledged by the peer (the tail of the last pass, up to a socket buffer's
+/// worth: a quarter of a second or more on a slow link) must also arrive before the
+/// destination can start the guest, so they count as pending. QEMU leaves them out, which
+/// on a slow link makes the real downtime exceed `downtime-limit`.
+pub fn after_sync(
+    dirty_bytes: u64,
+    queued_bytes: u64,
+    threshold_bytes: u64,
+    can_switchover: bool,
+) -> AfterSync {
+    let with_queue = Pending::Exact(dirty_bytes.saturating_add(queued_bytes));
+    match switchover_decision(with_queue, threshold_bytes, can_switchover) {
+        SwitchoverDecision::Complete => AfterSync::Complete,
+        _ if queued_bytes > 0
+            && switchover_decision(
+                Pending::Exact(dirty_bytes),
+                threshold_bytes,
+                can_switchover,
+            ) == SwitchoverDecision::Complete =>
+        {
+            AfterSync::DrainFirst
+        }
+        _ => AfterSync::Iterate,
+    }
+}
+
 /// One dirty-log sync, for [`DirtyPeriodTracker::on_sync`]; times in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SyncReport {
@@ -391,6 +432,36 @@ mod tests {
         assert_eq!(rates.duration, Duration::from_millis(100));
         assert_eq!(rates.bytes, 10_000_000);
         assert_eq!(rates.bytes_per_sec, 100_000_000.0);
+    }
+
+    #[test]
+    fn bytes_queued_on_the_sockets_count_as_pending() {
+        // 1 MB dirty fits a 3 MB budget; with 4 MB still queued it does not: drain first.
+        assert_eq!(after_sync(1 << 20, 0, 3 << 20, true), AfterSync::Complete);
+        assert_eq!(
+            after_sync(1 << 20, 1 << 20, 3 << 20, true),
+            AfterSync::Complete
+        );
+        assert_eq!(
+            after_sync(1 << 20, 4 << 20, 3 << 20, true),
+            AfterSync::DrainFirst
+        );
+        // Too much dirty whatever the queue: iterate.
+        assert_eq!(after_sync(4 << 20, 0, 3 << 20, true), AfterSync::Iterate);
+        assert_eq!(
+            after_sync(4 << 20, 1 << 20, 3 << 20, true),
+            AfterSync::Iterate
+        );
+        // Nothing dirty and nothing queued completes before the bandwidth is known; with
+        // bytes still queued it waits for them.
+        assert_eq!(after_sync(0, 0, 0, true), AfterSync::Complete);
+        assert_eq!(after_sync(0, 64 << 10, 0, true), AfterSync::DrainFirst);
+        // A switchover-ack still awaited holds everything back.
+        assert_eq!(after_sync(0, 0, 3 << 20, false), AfterSync::Iterate);
+        assert_eq!(
+            after_sync(1 << 20, 4 << 20, 3 << 20, false),
+            AfterSync::Iterate
+        );
     }
 
     #[test]

@@ -196,6 +196,15 @@ impl MultifdSender {
         })
     }
 
+    /// Bytes written on the channels that their peers have not acknowledged yet (SIOCOUTQ,
+    /// summed; a channel that cannot tell counts 0).
+    pub fn unacknowledged_bytes(&self) -> u64 {
+        self.sockets
+            .iter()
+            .filter_map(Channel::unacknowledged_bytes)
+            .sum()
+    }
+
     /// The live per-channel statistics.
     pub fn stats(&self) -> Arc<MultifdStats> {
         self.stats.clone()

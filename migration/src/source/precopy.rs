@@ -13,8 +13,8 @@ use super::ram_sender::{RamSender, XbzrleStage};
 use super::Shared;
 use crate::auto_converge::{AutoConverge, ThrottleParams};
 use crate::convergence::{
-    switchover_decision, BandwidthEstimator, DirtyPeriodTracker, Pending, Progress,
-    SwitchoverDecision, SwitchoverLimits, SyncReport,
+    after_sync, AfterSync, BandwidthEstimator, DirtyPeriodTracker, Progress, SwitchoverLimits,
+    SyncReport,
 };
 use crate::error::{MigrationError, Result};
 use crate::info::{MigrationStatus, Phase};
@@ -551,7 +551,13 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
             }
         }
         shared.emit("MIGRATION_PASS", json!({ "pass": sync_count }));
-        estimator.update(&progress(shared, pending_bytes), &limits(shared));
+        // The tail of the pass may still sit in socket buffers: it delays the destination's
+        // start as much as dirty pages do.
+        let queued = queued_bytes(&out, channels.as_ref());
+        estimator.update(
+            &progress(shared, pending_bytes.saturating_add(queued)),
+            &limits(shared),
+        );
         shared.publish(
             estimator.expected_downtime_ms(),
             estimator.mbps(),
@@ -567,24 +573,29 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
         }
 
         let can_switchover = !want_ack || replies.switchover_acked;
-        let decision = switchover_decision(
-            Pending::Exact(pending_bytes),
-            estimator.threshold_bytes(),
-            can_switchover,
-        );
-        if decision == SwitchoverDecision::Complete
-            && ferry_switchover_now(
-                pending_bytes,
-                prev_pending,
-                estimator.threshold_bytes(),
-                shared.options.params().downtime_limit,
-                passes_under,
-            )
-        {
-            break;
-        }
-        if decision == SwitchoverDecision::Complete {
-            passes_under += 1;
+        let threshold = estimator.threshold_bytes();
+        match after_sync(pending_bytes, queued, threshold, can_switchover) {
+            AfterSync::Complete
+                if ferry_switchover_now(
+                    pending_bytes,
+                    queued,
+                    prev_pending,
+                    threshold,
+                    shared.options.params().downtime_limit,
+                    passes_under,
+                ) =>
+            {
+                break
+            }
+            AfterSync::Complete => passes_under += 1,
+            AfterSync::DrainFirst => wait_for_queues(
+                shared,
+                &out,
+                channels.as_ref(),
+                threshold.saturating_sub(pending_bytes),
+                estimator.bandwidth(),
+            ),
+            AfterSync::Iterate => {}
         }
         prev_pending = pending_bytes;
     }
@@ -690,21 +701,56 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
     Ok(())
 }
 
+/// Bytes written on the main stream and the multifd channels that the destination has not
+/// acknowledged yet.
+fn queued_bytes(out: &FrameWriter<Channel>, channels: Option<&MultifdSender>) -> u64 {
+    let main = out.get_ref().unacknowledged_bytes().unwrap_or(0);
+    main.saturating_add(channels.map_or(0, MultifdSender::unacknowledged_bytes))
+}
+
+/// Longest wait for the socket queues to drain before the next pass (the guest runs, and the
+/// pages it dirties meanwhile go in that pass).
+const MAX_DRAIN_WAIT: Duration = Duration::from_secs(1);
+
+/// Waits, the guest running, until the sockets hold at most `target` unacknowledged bytes:
+/// at most twice the time `bandwidth` (bytes/s, 0 when unknown) needs for what they hold,
+/// within [10 ms, [`MAX_DRAIN_WAIT`]], or until the migration is cancelled.
+fn wait_for_queues(
+    shared: &Shared,
+    out: &FrameWriter<Channel>,
+    channels: Option<&MultifdSender>,
+    target: u64,
+    bandwidth: f64,
+) {
+    let queued = queued_bytes(out, channels);
+    let expected = if bandwidth > 0.0 {
+        Duration::from_secs_f64((2.0 * queued as f64 / bandwidth).min(MAX_DRAIN_WAIT.as_secs_f64()))
+    } else {
+        Duration::from_millis(100)
+    };
+    let deadline = Instant::now() + expected.clamp(Duration::from_millis(10), MAX_DRAIN_WAIT);
+    while queued_bytes(out, channels) > target && Instant::now() < deadline && !shared.cancelled() {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Ferry's refinement of QEMU's switchover rule, applied once QEMU's rule says "complete":
-/// keep iterating while each pass still shrinks what is left by a quarter, because a
+/// keep iterating while each pass still shrinks the dirty bytes by a quarter, because a
 /// smaller final set means a shorter downtime than the limit allows — but never more than
-/// a few extra passes.
+/// a few extra passes. The expected downtime counts `queued` (bytes still on the sockets).
 fn ferry_switchover_now(
-    pending: u64,
-    prev_pending: u64,
+    dirty: u64,
+    queued: u64,
+    prev_dirty: u64,
     threshold: u64,
     downtime_limit_ms: u64,
     passes_under: u32,
 ) -> bool {
-    if pending == 0 || passes_under >= MAX_EXTRA_PASSES {
+    if dirty == 0 || passes_under >= MAX_EXTRA_PASSES {
         return true;
     }
     // threshold = bandwidth * downtime_limit, so expected downtime = pending / threshold * limit.
+    let pending = dirty.saturating_add(queued);
     let expected_ms = if threshold == 0 {
         u64::MAX
     } else {
@@ -713,7 +759,7 @@ fn ferry_switchover_now(
     if expected_ms <= SHORT_DOWNTIME_MS {
         return true;
     }
-    pending.saturating_mul(4) > prev_pending.saturating_mul(3)
+    dirty.saturating_mul(4) > prev_dirty.saturating_mul(3)
 }
 
 #[cfg(test)]
@@ -722,18 +768,34 @@ mod tests {
 
     #[test]
     fn switches_at_once_when_nothing_is_left_or_downtime_is_tiny() {
-        assert!(ferry_switchover_now(0, 100, 1000, 300, 0));
+        assert!(ferry_switchover_now(0, 0, 100, 1000, 300, 0));
         // 10 bytes of 1000-byte threshold at 300 ms: 3 ms expected.
-        assert!(ferry_switchover_now(10, 1000, 1000, 300, 0));
+        assert!(ferry_switchover_now(10, 0, 1000, 1000, 300, 0));
     }
 
     #[test]
     fn keeps_iterating_while_shrinking_fast() {
         // 500 of 1000 (150 ms expected), previous pass 1000: shrank by half -> iterate.
-        assert!(!ferry_switchover_now(500, 1000, 1000, 300, 0));
+        assert!(!ferry_switchover_now(500, 0, 1000, 1000, 300, 0));
         // shrank only 10%: switch.
-        assert!(ferry_switchover_now(900, 1000, 1000, 300, 0));
+        assert!(ferry_switchover_now(900, 0, 1000, 1000, 300, 0));
         // too many extra passes: switch.
-        assert!(ferry_switchover_now(500, 1000, 1000, 300, MAX_EXTRA_PASSES));
+        assert!(ferry_switchover_now(
+            500,
+            0,
+            1000,
+            1000,
+            300,
+            MAX_EXTRA_PASSES
+        ));
+    }
+
+    #[test]
+    fn queued_bytes_count_in_the_expected_downtime_not_in_the_shrinking() {
+        // 10 dirty bytes alone: 3 ms expected, switch; with 90 queued: 30 ms, and the dirty
+        // bytes shrank from 1000 to 10: another pass.
+        assert!(!ferry_switchover_now(10, 90, 1000, 1000, 300, 0));
+        // Queued bytes do not make a shrinking dirty set look as if it grew.
+        assert!(!ferry_switchover_now(500, 400, 1000, 1000, 300, 0));
     }
 }

@@ -100,6 +100,11 @@ impl<W: Write> FrameWriter<W> {
         self.written += n;
     }
 
+    /// The transport, to look at.
+    pub fn get_ref(&self) -> &W {
+        &self.w
+    }
+
     /// The transport.
     pub fn get_mut(&mut self) -> &mut W {
         &mut self.w
