@@ -75,6 +75,39 @@ fn migrate_to(src: &mut Ferry, tag: &str, memory: &str) -> Ferry {
     dst
 }
 
+/// Local migration (`x-ignore-shared` over a unix socket) of a guest with `memory`: the
+/// destination maps the source's memory instead of receiving it, so no page travels; the
+/// guest verifies there with 0 bad pages and keeps running.
+fn local_migration(tag: &str, memory: &str) {
+    let ignore_shared = json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]});
+    let mut src = Ferry::start(&format!("{tag}-src"), &options(memory));
+    let mut dst = Ferry::start(
+        &format!("{tag}-dst"),
+        &FerryOptions {
+            workload: None,
+            incoming: Some("defer".into()),
+            ..options(memory)
+        },
+    );
+    wait_progress(&mut src);
+    src.cmd("migrate-set-capabilities", ignore_shared.clone());
+    dst.cmd("migrate-set-capabilities", ignore_shared);
+    let uri = format!("unix:{}", dst.dir.join("migration.sock").display());
+    dst.cmd("migrate-incoming", json!({ "uri": uri }));
+    let before = src.pages_written();
+    src.cmd("migrate", json!({ "uri": uri }));
+    let info = src.wait_migration_end(Duration::from_secs(60));
+    assert_eq!(info["status"], "completed", "{tag}: {info}\n{}", src.log());
+    assert_eq!(info["ram"]["normal"], 0, "{tag}: no page was sent: {info}");
+    let d = dst.wait_migration_end(Duration::from_secs(10));
+    assert_eq!(d["status"], "completed", "{tag}: {d}\n{}", dst.log());
+    assert_eq!(dst.status(), "running");
+    let (checked, bad) = dst.guest_verify();
+    assert_eq!(bad, 0, "{tag}: the guest found bad pages");
+    assert_eq!(checked, 16 << 8, "{tag}: the guest checked its working set");
+    assert!(dst.pages_written() >= before, "{tag}: progress continues");
+}
+
 /// Boots `a`, migrates it to `b`, and back to `a` again.
 fn round_trip(tag: &str, a: &str, b: &str, a_again: &str) {
     let mut src = Ferry::start(&format!("{tag}-a"), &options(a));
@@ -218,8 +251,8 @@ impl Drop for Hugetlbfs {
 }
 
 #[test]
-fn hugetlb_memory_migrates_both_ways_and_refuses_background_snapshots() {
-    let test = "hugetlb_memory_migrates_both_ways_and_refuses_background_snapshots";
+fn hugetlb_memory_migrates_both_ways_and_locally_and_refuses_background_snapshots() {
+    let test = "hugetlb_memory_migrates_both_ways_and_locally_and_refuses_background_snapshots";
     if skip_unless(test, kvm_missing()) {
         return;
     }
@@ -246,6 +279,8 @@ fn hugetlb_memory_migrates_both_ways_and_refuses_background_snapshots() {
         "64M",
         &format!("64M,mem-path={},share=on", fs.0.join("guest").display()),
     );
+    // A local migration hands the hugetlb memfd over instead of copying it.
+    local_migration("hugetlb-local", "64M,hugepages=hugetlb");
     // Background snapshots of hugetlb memory are refused when the capability is set.
     let dir = TempDir::new("hugetlb-snap");
     snapshot_case("hugetlb", "64M,hugepages=hugetlb", &dir);
