@@ -17,6 +17,7 @@ use crate::info::{Channel as CounterChannel, MigrationStatus, Phase};
 use crate::options::Capability;
 use crate::rate_limit::RateLimiter;
 use crate::source::ram_sender::RamSender;
+use crate::source::spawn_reply_reader;
 use crate::source::Shared;
 use crate::stream::frame::{FrameKind, FrameWriter, MAX_FRAME_PAYLOAD};
 use crate::stream::header::{
@@ -46,30 +47,6 @@ pub(crate) struct Handover {
     pub bitmap: AtomicBitmap,
     /// Dirty tracking, still running.
     pub tracker: Arc<dyn DirtyTracker>,
-}
-
-/// Reads the destination's replies from `ch` into `tx` until the connection ends.
-pub(crate) fn spawn_reply_reader(ch: &Channel, tx: Sender<RpMsg>) -> Result<(), PostcopyError> {
-    let mut reader = ch
-        .try_clone()
-        .map_err(|e| PostcopyError::Vm(format!("cannot clone the migration socket: {e}")))?;
-    std::thread::Builder::new()
-        .name("migration-rp".into())
-        .spawn(move || loop {
-            match Reply::read_from(&mut reader) {
-                Ok(r) => {
-                    if tx.send(Ok(r)).is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
-                    return;
-                }
-            }
-        })
-        .map_err(|e| PostcopyError::Vm(format!("cannot start the return-path thread: {e}")))?;
-    Ok(())
 }
 
 /// The next set bit at or after `from`, wrapping around once.
@@ -634,8 +611,7 @@ impl Postcopy<'_> {
             self.id,
             FEATURE_POSTCOPY_RESUME,
         )?;
-        let (tx, rx) = crossbeam_channel::unbounded();
-        spawn_reply_reader(&ch, tx)?;
+        let rx = spawn_reply_reader(&ch).map_err(PostcopyError::Vm)?;
         let side = if self.preempt {
             match connect_side(
                 self.shared,

@@ -93,7 +93,7 @@ pub(super) fn migrate(
         MigrationError::Vm(format!("cannot clone the migration channel: {e}"))
     })?));
     let mut replies = ReplyState {
-        rx: Some(spawn_reply_reader(&ch)?),
+        rx: Some(spawn_reply_reader(&ch).map_err(MigrationError::Vm)?),
         switchover_acked: false,
         closed: None,
     };

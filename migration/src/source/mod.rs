@@ -5,6 +5,8 @@ pub mod local;
 mod precopy;
 pub mod ram_sender;
 
+pub(crate) use precopy::spawn_reply_reader;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;

@@ -82,13 +82,14 @@ pub(super) fn run(shared: Arc<Shared>, uri: MigrationUri) {
     shared.options.set_running(false);
 }
 
-/// Reads the destination's replies on a second handle of the channel.
-pub(super) fn spawn_reply_reader(
+/// Reads the destination's replies on a second handle of the channel, in a thread, until
+/// the connection ends; the error says what could not be set up.
+pub(crate) fn spawn_reply_reader(
     ch: &Channel,
-) -> Result<Receiver<std::result::Result<Reply, String>>> {
+) -> std::result::Result<Receiver<std::result::Result<Reply, String>>, String> {
     let mut reader = ch
         .try_clone()
-        .map_err(|e| MigrationError::Vm(format!("cannot clone the migration socket: {e}")))?;
+        .map_err(|e| format!("cannot clone the migration socket: {e}"))?;
     let (tx, rx) = crossbeam_channel::unbounded();
     std::thread::Builder::new()
         .name("migration-rp".into())
@@ -105,7 +106,7 @@ pub(super) fn spawn_reply_reader(
                 }
             }
         })
-        .map_err(|e| MigrationError::Vm(format!("cannot start the return-path thread: {e}")))?;
+        .map_err(|e| format!("cannot start the return-path thread: {e}"))?;
     Ok(rx)
 }
 
@@ -340,7 +341,7 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
     })?));
     let mut replies = ReplyState {
         rx: if ch.is_bidirectional() {
-            Some(spawn_reply_reader(&ch)?)
+            Some(spawn_reply_reader(&ch).map_err(MigrationError::Vm)?)
         } else {
             None
         },
