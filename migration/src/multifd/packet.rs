@@ -24,6 +24,9 @@
 //! covered by the checksum for the reason given in [`crate::stream::ram`]: uncompressed pages
 //! go straight from guest memory to the socket, so each page carries its own hash and the
 //! destination keeps a page whose bytes do not match as suspect until it is sent again.
+//! Compressed data is made from a stable copy of the pages and hashed from that copy, so a
+//! decompressed page that does not match is damage and fails the channel (zstd frames carry
+//! no checksum of their own: the page hashes are the check).
 
 use thiserror::Error;
 

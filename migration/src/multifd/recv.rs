@@ -425,7 +425,8 @@ impl RecvChannel {
             last_num = Some(h.packet_num);
             last_pass = h.pass;
             if !pages.normal.is_empty() {
-                if h.is_compressed() {
+                let compressed = h.is_compressed();
+                if compressed {
                     self.receive_compressed(&h, &pages, &mut cbuf, &mut scratch)?;
                 } else {
                     self.receive_raw(&pages)?;
@@ -433,6 +434,13 @@ impl RecvChannel {
                 for &(offset, hash) in &pages.normal {
                     let page = offset >> PAGE_SHIFT;
                     let ok = self.ram.page(page).is_some_and(|b| page_hash(b) == hash);
+                    // Raw pages may have changed while they were sent (suspect until sent
+                    // again); compressed ones were hashed from the copy that was compressed,
+                    // so a mismatch is damage.
+                    if compressed && !ok {
+                        let why = self.decompressor.page_mismatch(offset);
+                        return Err(self.err(format!("packet {}: {why}", h.packet_num)));
+                    }
                     self.book.mark(page, ok);
                 }
             }

@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ram::{AtomicBitmap, GuestRam, PAGE_SIZE};
+use ram::{page_hash, AtomicBitmap, GuestRam, PAGE_SIZE};
 
+use super::compress::Compressor;
 use super::packet::{Handshake, PacketHeader, PacketPages, FLAG_ZSTD, PAGES_PER_PACKET};
 use super::recv::{accept_channels, check_settings, LocalSettings};
 use super::*;
@@ -366,6 +367,44 @@ fn a_corrupt_compressed_packet_fails_the_channel_with_a_clear_error() {
         "{e}"
     );
     assert!(r.error().is_some());
+}
+
+#[test]
+fn a_compressed_page_that_does_not_match_its_hash_fails_the_channel() {
+    // zstd data that decodes fine, but to bytes other than the ones the source hashed (zstd
+    // frames carry no checksum: the page hashes catch this).
+    let (mut c, mut r) = raw_channel(Method::Zstd, "mismatch");
+    let pages: Vec<u8> = (0..2 * 4096).map(|i| (i / 7) as u8).collect();
+    let mut data = Vec::new();
+    let n = Compressor::new(Method::Zstd, 1)
+        .unwrap()
+        .compress(&pages, &mut data)
+        .expect("compressible");
+    let h = PacketHeader {
+        flags: FLAG_ZSTD,
+        pages_alloc: PAGES_PER_PACKET as u32,
+        normal_pages: 2,
+        next_packet_size: n as u32,
+        packet_num: 3,
+        zero_pages: 0,
+        pass: 1,
+    };
+    let mut b = Vec::new();
+    PacketPages {
+        normal: vec![
+            (0, page_hash(&pages[..4096])),
+            (4096, page_hash(&pages[4096..]) ^ 1),
+        ],
+        zero: vec![],
+    }
+    .encode(&h, &mut b);
+    b.extend_from_slice(&data[..n]);
+    c.write_all(&b).unwrap();
+    let e = r.sync(1).unwrap_err().to_string();
+    assert!(
+        e.contains("multifd channel 0: packet 3: corrupt zstd data: the page at 0x1000 does not match its hash"),
+        "{e}"
+    );
 }
 
 #[test]
