@@ -249,7 +249,7 @@ impl MultifdReceiver {
             .lock()
             .ok()
             .and_then(|e| e.clone())
-            .map(|e| MigrationError::Stream(StreamError::Invalid(e)))
+            .map(|e| MigrationError::Stream(StreamError::Channel(e)))
     }
 
     /// The main stream's flush for pass `pass`: waits until every channel has delivered

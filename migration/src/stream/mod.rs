@@ -93,6 +93,9 @@ pub enum StreamError {
     /// The source's VM does not match this one.
     #[error("{0}")]
     Mismatch(String),
+    /// An error a multifd channel thread reported, in its own words.
+    #[error("{0}")]
+    Channel(String),
 }
 
 /// Result alias for this module.
