@@ -150,6 +150,10 @@ pub struct RamLoader<'a> {
     decompress: Option<crate::compress::DecompressPool>,
 }
 
+/// Records of a RAM frame read and applied at a time (32 pages: 128 KiB, well within a
+/// core's L2 cache).
+const LOAD_CHUNK_RECORDS: usize = 32;
+
 impl<'a> RamLoader<'a> {
     /// A loader for `ram`; `fresh` when the memory is known to be all zeros.
     pub fn new(ram: &'a GuestRam, fresh: bool) -> Self {
@@ -215,9 +219,27 @@ impl<'a> RamLoader<'a> {
             .map(|r| r.data_len())
             .sum();
         self.scratch.resize(scratch_len, 0);
-        let mut iov = Vec::with_capacity(dir.records.len());
+        // The data is read and checked a few records at a time, so each page is hashed while
+        // it is still in the CPU's cache rather than after the whole frame has gone through.
         let mut at = 0usize;
-        for r in &dir.records {
+        for records in dir.records.chunks(LOAD_CHUNK_RECORDS) {
+            at = self.apply_records(reader, records, at)?;
+        }
+        Ok(())
+    }
+
+    /// Reads the data of `records` (the next records of a RAM frame; their scratch data
+    /// starts at `start`) into place and applies them; returns where the next scratch data
+    /// goes.
+    fn apply_records<R: StreamSource>(
+        &mut self,
+        reader: &mut FrameReader<R>,
+        records: &[RamRecord],
+        start: usize,
+    ) -> Result<usize> {
+        let mut iov = Vec::with_capacity(records.len());
+        let mut at = start;
+        for r in records {
             match *r {
                 RamRecord::Page { offset, .. } => iov.push(libc::iovec {
                     iov_base: self.page_mut_ptr(offset)?.cast(),
@@ -237,8 +259,8 @@ impl<'a> RamLoader<'a> {
         // was decoded) or into `self.scratch`; the guest does not run during the load and no
         // Rust reference to those bytes is alive across this call.
         unsafe { reader.read_ram_data(&mut iov)? };
-        let mut at = 0usize;
-        for r in &dir.records {
+        let mut at = start;
+        for r in records {
             match *r {
                 RamRecord::Page { offset, hash } => {
                     let page = offset >> PAGE_SHIFT;
@@ -281,7 +303,7 @@ impl<'a> RamLoader<'a> {
                 }
             }
         }
-        Ok(())
+        Ok(at)
     }
 
     /// Fails if any page's last copy did not match its hash.
