@@ -259,8 +259,9 @@ pub struct MigrateReport {
     pub data_sets: Vec<data::DataSet>,
     /// TCP references (1 stream, and N streams for multifd rows).
     pub tcp: Vec<tcp::TcpFigure>,
-    /// TCP from the random image, mapped as the source guest maps it, into fresh memory.
-    pub tcp_memory: Option<tcp::TcpFigure>,
+    /// TCP from the random image, mapped as the source guest maps it, into fresh memory (one
+    /// figure per stream count of the uncompressed rows).
+    pub tcp_memory: Vec<tcp::TcpFigure>,
     /// Throughput rows.
     pub throughput: Vec<throughput::ThroughputRow>,
     /// QEMU's figures from issue 12.
@@ -391,7 +392,7 @@ pub fn run(a: &MigrateArgs) -> Result<MigrateReport, BenchError> {
         memory_bytes: memory,
         data_sets: Vec::new(),
         tcp: Vec::new(),
-        tcp_memory: None,
+        tcp_memory: Vec::new(),
         throughput: Vec::new(),
         qemu: QemuReference {
             fresh_gib_per_s: (1.0, 1.4),
@@ -584,26 +585,28 @@ impl MigrateReport {
                         .collect::<Vec<_>>()
                 );
             }
-            if let Some(f) = &self.tcp_memory {
+            for f in &self.tcp_memory {
                 let _ = writeln!(
                     t,
-                    "  1 stream from the random image (mapped as the source guest maps it) into fresh memfd memory,\n\
+                    "  {} stream(s) from the random image (mapped as the source guest maps it) into fresh memfd memory,\n\
                      \x20 128 pages per writev/readv, no headers or checks: {:.2} GiB/s (best of {:?})",
+                    f.streams,
                     f.gib_per_s,
                     f.runs_gib_per_s
                         .iter()
                         .map(|x| (x * 100.0).round() / 100.0)
                         .collect::<Vec<_>>()
                 );
-                for r in self
-                    .throughput
-                    .iter()
-                    .filter(|r| r.data_set == "random" && r.config == "plain" && r.dest == "fresh")
-                {
+                for r in self.throughput.iter().filter(|r| {
+                    r.data_set == "random"
+                        && r.dest == "fresh"
+                        && throughput::memory_reference_streams(&r.config) == Some(f.streams)
+                }) {
                     if let Some(m) = r.ok() {
                         let _ = writeln!(
                             t,
-                            "  plain first pass, random -> fresh: {:.2} x that memory-bound reference",
+                            "  {} first pass, random -> fresh: {:.2} x that memory-bound reference",
+                            r.config,
                             m.wire_gib_per_s / f.gib_per_s.max(1e-9)
                         );
                     }

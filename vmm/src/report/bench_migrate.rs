@@ -160,7 +160,7 @@ mod tests {
             memory_bytes: 256 << 20,
             data_sets: Vec::new(),
             tcp: Vec::new(),
-            tcp_memory: None,
+            tcp_memory: Vec::new(),
             throughput: rows,
             qemu: QemuReference {
                 fresh_gib_per_s: (1.0, 1.4),

@@ -42,6 +42,12 @@ impl Config {
         self.multifd.map_or(1, |(n, _)| usize::from(n))
     }
 
+    /// Whether pages go as they are (no compression, no TLS): the rows the memory-bound TCP
+    /// reference with the same number of streams applies to.
+    pub fn moves_pages_as_they_are(&self) -> bool {
+        self.compress.is_none() && !self.tls && matches!(self.multifd, None | Some((_, "none")))
+    }
+
     /// Whether the row needs capabilities or parameters on both sides.
     fn special(&self) -> bool {
         self.multifd.is_some() || self.compress.is_some() || self.tls
@@ -258,6 +264,15 @@ pub const DESTS: [Dest; 6] = [
         env: &[(crate::app::POPULATE_ENV, "off")],
     },
 ];
+
+/// The stream count of the memory-bound TCP reference that applies to the configuration
+/// named `name`, if one does (see [`Config::moves_pages_as_they_are`]).
+pub fn memory_reference_streams(name: &str) -> Option<usize> {
+    CONFIGS
+        .iter()
+        .find(|c| c.name == name && c.moves_pages_as_they_are())
+        .map(Config::streams)
+}
 
 /// The destinations named (fresh and prealloc when none is).
 pub fn dests(names: &[String]) -> Result<Vec<Dest>, String> {
@@ -589,9 +604,9 @@ fn measure_row(
 pub struct Section {
     /// TCP references (hot buffers), one per stream count.
     pub tcp: Vec<TcpFigure>,
-    /// The memory-bound TCP reference on the random image (see
-    /// [`tcp::measure_memory_once`]).
-    pub tcp_memory: Option<TcpFigure>,
+    /// The memory-bound TCP references on the random image, one per stream count of the
+    /// uncompressed configurations (see [`tcp::measure_memory_once`]).
+    pub tcp_memory: Vec<TcpFigure>,
     /// Every row.
     pub rows: Vec<ThroughputRow>,
     /// Errors of references and rows that could not run.
@@ -623,16 +638,27 @@ pub fn run(
             Err(e) => errors.push(format!("TCP reference with {n} stream(s): {e}")),
         }
     }
-    let tcp_memory = data_sets.iter().find(|d| d.kind == "random").and_then(|d| {
-        env.say(format!(
-            "TCP reference from the {} image into fresh memory, {} MiB",
-            d.kind,
-            memory >> 20
-        ));
-        tcp::measure_memory(&env.tcp_ends(), &d.path, memory, ref_runs)
-            .map_err(|e| errors.push(format!("memory-bound TCP reference: {e}")))
-            .ok()
-    });
+    let mut memory_streams: Vec<usize> = configs
+        .iter()
+        .filter(|c| c.moves_pages_as_they_are())
+        .map(Config::streams)
+        .collect();
+    memory_streams.sort_unstable();
+    memory_streams.dedup();
+    let mut tcp_memory = Vec::new();
+    if let Some(d) = data_sets.iter().find(|d| d.kind == "random") {
+        for n in memory_streams {
+            env.say(format!(
+                "TCP reference from the {} image into fresh memory, {n} stream(s), {} MiB",
+                d.kind,
+                memory >> 20
+            ));
+            match tcp::measure_memory(&env.tcp_ends(), &d.path, memory, n, ref_runs) {
+                Ok(f) => tcp_memory.push(f),
+                Err(e) => errors.push(format!("memory-bound TCP reference, {n} stream(s): {e}")),
+            }
+        }
+    }
     let tcp_for = |n: usize| refs.iter().find(|f| f.streams == n).map(|f| f.gib_per_s);
     let tls = if configs.iter().any(|c| c.tls) {
         match TlsCreds::generate(&env.dir) {
