@@ -72,6 +72,9 @@ pub fn check_settings(header: &Header, local: &LocalSettings) -> Result<()> {
     Ok(())
 }
 
+/// Raw pages read and checked at a time (128 KiB, well within a core's L2 cache).
+const RAW_CHUNK_PAGES: usize = 32;
+
 fn chan_err(id: usize, e: impl std::fmt::Display) -> MigrationError {
     MigrationError::Stream(StreamError::Invalid(format!("multifd channel {id}: {e}")))
 }
@@ -424,24 +427,14 @@ impl RecvChannel {
             }
             last_num = Some(h.packet_num);
             last_pass = h.pass;
-            if !pages.normal.is_empty() {
-                let compressed = h.is_compressed();
-                if compressed {
-                    self.receive_compressed(&h, &pages, &mut cbuf, &mut scratch)?;
-                } else {
-                    self.receive_raw(&pages)?;
-                }
-                for &(offset, hash) in &pages.normal {
-                    let page = offset >> PAGE_SHIFT;
-                    let ok = self.ram.page(page).is_some_and(|b| page_hash(b) == hash);
-                    // Raw pages may have changed while they were sent (suspect until sent
-                    // again); compressed ones were hashed from the copy that was compressed,
-                    // so a mismatch is damage.
-                    if compressed && !ok {
-                        let why = self.decompressor.page_mismatch(offset);
-                        return Err(self.err(format!("packet {}: {why}", h.packet_num)));
-                    }
-                    self.book.mark(page, ok);
+            if h.is_compressed() && !pages.normal.is_empty() {
+                self.receive_compressed(&h, &pages, &mut cbuf, &mut scratch)?;
+                self.check_pages(&pages.normal, Some(h.packet_num))?;
+            } else {
+                // A few pages at a time, so each is hashed while it is still in cache.
+                for chunk in pages.normal.chunks(RAW_CHUNK_PAGES) {
+                    self.receive_raw(chunk)?;
+                    self.check_pages(chunk, None)?;
                 }
             }
             for &offset in &pages.zero {
@@ -461,10 +454,27 @@ impl RecvChannel {
         }
     }
 
-    /// Reads raw pages straight into guest memory.
-    fn receive_raw(&mut self, pages: &PacketPages) -> Result<()> {
-        let mut iov = Vec::with_capacity(pages.normal.len());
-        for &(offset, _) in &pages.normal {
+    /// Checks each of `normal` (offset, hash) against its hash. Raw pages may have changed
+    /// while they were sent: one that does not match stays suspect until it is sent again.
+    /// Pages of compressed packet `compressed` were hashed from the copy that was
+    /// compressed, so a mismatch there is damage and fails the channel.
+    fn check_pages(&self, normal: &[(u64, u64)], compressed: Option<u64>) -> Result<()> {
+        for &(offset, hash) in normal {
+            let page = offset >> PAGE_SHIFT;
+            let ok = self.ram.page(page).is_some_and(|b| page_hash(b) == hash);
+            if let (false, Some(num)) = (ok, compressed) {
+                let why = self.decompressor.page_mismatch(offset);
+                return Err(self.err(format!("packet {num}: {why}")));
+            }
+            self.book.mark(page, ok);
+        }
+        Ok(())
+    }
+
+    /// Reads the raw pages `normal` (offset, hash) straight into guest memory.
+    fn receive_raw(&mut self, normal: &[(u64, u64)]) -> Result<()> {
+        let mut iov = Vec::with_capacity(normal.len());
+        for &(offset, _) in normal {
             let p = self
                 .ram
                 .page_ptr(offset >> PAGE_SHIFT)
