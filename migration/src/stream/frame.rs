@@ -264,6 +264,20 @@ fn eof_as_truncated(e: std::io::Error, what: &'static str) -> StreamError {
     }
 }
 
+/// Checks that `trailer` is the xxh3-64 of `parts` in order; `what` names the frame part.
+fn check_trailer(parts: &[&[u8]], trailer: &[u8], what: &'static str) -> Result<()> {
+    let mut h = Xxh3::new();
+    for p in parts {
+        h.update(p);
+    }
+    let mut t = [0u8; 8];
+    t.copy_from_slice(trailer);
+    if h.digest() != u64::from_le_bytes(t) {
+        return Err(StreamError::Checksum(what));
+    }
+    Ok(())
+}
+
 impl<R: StreamSource> FrameReader<R> {
     /// A reader over `r`.
     pub fn new(r: R) -> Self {
@@ -305,82 +319,80 @@ impl<R: StreamSource> FrameReader<R> {
     /// [`FrameReader::read_ram_data`] before the next call); keepalive frames are checked
     /// and skipped.
     pub fn next(&mut self, ram_size: u64) -> Result<Frame<'_>> {
-        loop {
-            let mut head = [0u8; FRAME_HEADER_LEN];
-            self.r
-                .read_exact(&mut head)
-                .map_err(|e| eof_as_truncated(e, "before the end of the stream"))?;
-            let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
-            let kind = FrameKind::from_u8(head[0])
-                .ok_or_else(|| StreamError::Invalid(format!("unknown frame type {}", head[0])))?;
-            if head[1] != 0 || head[2] != 0 || head[3] != 0 {
-                return Err(StreamError::Invalid(
-                    "reserved frame header bits set".into(),
-                ));
+        let (head, kind, len) = loop {
+            let (head, kind, len) = self.read_head()?;
+            if kind != FrameKind::Keepalive {
+                break (head, kind, len);
             }
-            if kind == FrameKind::Ram {
-                self.read_exact(8, "in a RAM frame")?;
-                let count = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
-                    as usize;
-                let data_len =
-                    u32::from_le_bytes([self.buf[4], self.buf[5], self.buf[6], self.buf[7]])
-                        as usize;
-                if count > MAX_ENTRIES || data_len > MAX_DATA {
-                    return Err(StreamError::Invalid(format!(
-                        "RAM frame of {count} entries and {data_len} data bytes exceeds the limits"
-                    )));
-                }
-                if len != 8 + count * ENTRY_LEN + FRAME_TRAILER_LEN + data_len {
-                    return Err(StreamError::Invalid(
-                        "RAM frame length does not match its counts".into(),
-                    ));
-                }
-                let counts = [
-                    self.buf[0],
-                    self.buf[1],
-                    self.buf[2],
-                    self.buf[3],
-                    self.buf[4],
-                    self.buf[5],
-                    self.buf[6],
-                    self.buf[7],
-                ];
-                self.read_exact(count * ENTRY_LEN + FRAME_TRAILER_LEN, "in a RAM directory")?;
-                let (entries, trailer) = self.buf.split_at(count * ENTRY_LEN);
-                let mut h = Xxh3::new();
-                h.update(&head);
-                h.update(&counts);
-                h.update(entries);
-                let mut t = [0u8; 8];
-                t.copy_from_slice(trailer);
-                if h.digest() != u64::from_le_bytes(t) {
-                    return Err(StreamError::Checksum("a RAM frame directory"));
-                }
-                let dir = RamDirectory::decode(entries, count, data_len, ram_size)?;
-                self.read += (FRAME_HEADER_LEN + len - data_len) as u64;
-                return Ok(Frame::Ram(dir));
-            }
-            if len > MAX_FRAME_PAYLOAD {
-                return Err(StreamError::Invalid(format!(
-                    "frame length {len} exceeds the {MAX_FRAME_PAYLOAD}-byte limit"
-                )));
-            }
-            self.read_exact(len + FRAME_TRAILER_LEN, "inside a frame")?;
-            let (payload, trailer) = self.buf.split_at(len);
-            let mut h = Xxh3::new();
-            h.update(&head);
-            h.update(payload);
-            let mut t = [0u8; 8];
-            t.copy_from_slice(trailer);
-            if h.digest() != u64::from_le_bytes(t) {
-                return Err(StreamError::Checksum("a frame"));
-            }
-            self.read += (FRAME_HEADER_LEN + len + FRAME_TRAILER_LEN) as u64;
-            if kind == FrameKind::Keepalive {
-                continue;
-            }
-            return Ok(Frame::Other(kind, &self.buf[..len]));
+            self.read_payload(&head, len)?;
+        };
+        if kind == FrameKind::Ram {
+            return self.read_ram_directory(&head, len, ram_size);
         }
+        self.read_payload(&head, len)?;
+        Ok(Frame::Other(kind, &self.buf[..len]))
+    }
+
+    /// Reads and checks a frame header: the header, the frame's kind and its length.
+    fn read_head(&mut self) -> Result<([u8; FRAME_HEADER_LEN], FrameKind, usize)> {
+        let mut head = [0u8; FRAME_HEADER_LEN];
+        self.r
+            .read_exact(&mut head)
+            .map_err(|e| eof_as_truncated(e, "before the end of the stream"))?;
+        let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
+        let kind = FrameKind::from_u8(head[0])
+            .ok_or_else(|| StreamError::Invalid(format!("unknown frame type {}", head[0])))?;
+        if head[1] != 0 || head[2] != 0 || head[3] != 0 {
+            return Err(StreamError::Invalid(
+                "reserved frame header bits set".into(),
+            ));
+        }
+        Ok((head, kind, len))
+    }
+
+    /// Reads the `len`-byte payload of a frame other than RAM into `self.buf[..len]` and
+    /// checks its trailer.
+    fn read_payload(&mut self, head: &[u8; FRAME_HEADER_LEN], len: usize) -> Result<()> {
+        if len > MAX_FRAME_PAYLOAD {
+            return Err(StreamError::Invalid(format!(
+                "frame length {len} exceeds the {MAX_FRAME_PAYLOAD}-byte limit"
+            )));
+        }
+        self.read_exact(len + FRAME_TRAILER_LEN, "inside a frame")?;
+        let (payload, trailer) = self.buf.split_at(len);
+        check_trailer(&[head, payload], trailer, "a frame")?;
+        self.read += (FRAME_HEADER_LEN + len + FRAME_TRAILER_LEN) as u64;
+        Ok(())
+    }
+
+    /// Reads and checks a RAM frame's counts and directory (its data follows).
+    fn read_ram_directory(
+        &mut self,
+        head: &[u8; FRAME_HEADER_LEN],
+        len: usize,
+        ram_size: u64,
+    ) -> Result<Frame<'_>> {
+        self.read_exact(8, "in a RAM frame")?;
+        let mut counts = [0u8; 8];
+        counts.copy_from_slice(&self.buf[..8]);
+        let count = u32::from_le_bytes([counts[0], counts[1], counts[2], counts[3]]) as usize;
+        let data_len = u32::from_le_bytes([counts[4], counts[5], counts[6], counts[7]]) as usize;
+        if count > MAX_ENTRIES || data_len > MAX_DATA {
+            return Err(StreamError::Invalid(format!(
+                "RAM frame of {count} entries and {data_len} data bytes exceeds the limits"
+            )));
+        }
+        if len != 8 + count * ENTRY_LEN + FRAME_TRAILER_LEN + data_len {
+            return Err(StreamError::Invalid(
+                "RAM frame length does not match its counts".into(),
+            ));
+        }
+        self.read_exact(count * ENTRY_LEN + FRAME_TRAILER_LEN, "in a RAM directory")?;
+        let (entries, trailer) = self.buf.split_at(count * ENTRY_LEN);
+        check_trailer(&[head, &counts, entries], trailer, "a RAM frame directory")?;
+        let dir = RamDirectory::decode(entries, count, data_len, ram_size)?;
+        self.read += (FRAME_HEADER_LEN + len - data_len) as u64;
+        Ok(Frame::Ram(dir))
     }
 
     /// Reads a RAM frame's data area into the buffers `iov` describes (their lengths
