@@ -579,10 +579,7 @@ impl MigrateReport {
                     "  {} stream(s): {:.2} GiB/s (best of {:?})",
                     f.streams,
                     f.gib_per_s,
-                    f.runs_gib_per_s
-                        .iter()
-                        .map(|x| (x * 100.0).round() / 100.0)
-                        .collect::<Vec<_>>()
+                    f.runs_rounded()
                 );
             }
             for f in &self.tcp_memory {
@@ -592,10 +589,7 @@ impl MigrateReport {
                      \x20 128 pages per writev/readv, no headers or checks: {:.2} GiB/s (best of {:?})",
                     f.streams,
                     f.gib_per_s,
-                    f.runs_gib_per_s
-                        .iter()
-                        .map(|x| (x * 100.0).round() / 100.0)
-                        .collect::<Vec<_>>()
+                    f.runs_rounded()
                 );
                 for r in self.throughput.iter().filter(|r| {
                     r.data_set == "random"

@@ -37,6 +37,35 @@ pub struct TcpFigure {
     pub runs_gib_per_s: Vec<f64>,
 }
 
+impl TcpFigure {
+    /// The best of `runs` runs of `once` (GiB/s each) with `streams` streams moving `bytes`.
+    fn best_of(
+        streams: usize,
+        bytes: u64,
+        runs: usize,
+        mut once: impl FnMut() -> std::io::Result<f64>,
+    ) -> std::io::Result<TcpFigure> {
+        let mut all = Vec::new();
+        for _ in 0..runs.max(1) {
+            all.push(once()?);
+        }
+        Ok(TcpFigure {
+            streams,
+            bytes,
+            gib_per_s: all.iter().copied().fold(0.0, f64::max),
+            runs_gib_per_s: all,
+        })
+    }
+
+    /// Every run's figure rounded to two decimals, for text reports.
+    pub fn runs_rounded(&self) -> Vec<f64> {
+        self.runs_gib_per_s
+            .iter()
+            .map(|x| (x * 100.0).round() / 100.0)
+            .collect()
+    }
+}
+
 /// Where the two ends run.
 #[derive(Debug, Clone, Default)]
 pub struct TcpEnds {
@@ -255,15 +284,8 @@ pub fn measure_memory(
     streams: usize,
     runs: usize,
 ) -> std::io::Result<TcpFigure> {
-    let mut all = Vec::new();
-    for _ in 0..runs.max(1) {
-        all.push(measure_memory_once(ends, image, bytes, streams)?);
-    }
-    Ok(TcpFigure {
-        streams: streams.max(1),
-        bytes,
-        gib_per_s: all.iter().copied().fold(0.0, f64::max),
-        runs_gib_per_s: all,
+    TcpFigure::best_of(streams.max(1), bytes, runs, || {
+        measure_memory_once(ends, image, bytes, streams)
     })
 }
 
@@ -274,17 +296,7 @@ pub fn measure(
     bytes: u64,
     runs: usize,
 ) -> std::io::Result<TcpFigure> {
-    let mut all = Vec::new();
-    for _ in 0..runs.max(1) {
-        all.push(measure_once(ends, streams, bytes)?);
-    }
-    let best = all.iter().copied().fold(0.0, f64::max);
-    Ok(TcpFigure {
-        streams,
-        bytes,
-        gib_per_s: best,
-        runs_gib_per_s: all,
-    })
+    TcpFigure::best_of(streams, bytes, runs, || measure_once(ends, streams, bytes))
 }
 
 #[cfg(test)]
