@@ -117,6 +117,54 @@ impl Drop for TempDir {
     }
 }
 
+/// A file system mounted on a fresh directory (root only); unmounted (lazily) on drop,
+/// before the directory goes.
+pub struct Mount(TempDir);
+
+impl Mount {
+    /// Mounts a `fstype` with mount `options` (if any) on a fresh directory named after
+    /// `tag`, or says why it cannot.
+    pub fn new(tag: &str, fstype: &str, options: Option<&str>) -> Result<Mount, String> {
+        let dir = TempDir::new(tag);
+        let mut cmd = std::process::Command::new("mount");
+        cmd.args(["-t", fstype]);
+        if let Some(o) = options {
+            cmd.args(["-o", o]);
+        }
+        let out = cmd
+            .arg(fstype)
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mount -t {fstype} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(Mount(dir))
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &std::path::Path {
+        self.0.path()
+    }
+
+    /// A path inside the mounted file system.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .output();
+    }
+}
+
 /// Free and total 2 MiB huge pages of the host (/proc/meminfo).
 pub fn huge_pages() -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();

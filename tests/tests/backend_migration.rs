@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 use tests::{
     free_port, huge_pages, kvm_missing, one_guest_test_at_a_time, skip_unless, Ferry, FerryOptions,
-    TempDir,
+    Mount, TempDir,
 };
 
 /// Small guests: a 16 MiB working set rewritten at 20000 pages/s.
@@ -220,36 +220,6 @@ impl Drop for HugePageReservation {
     }
 }
 
-/// A hugetlbfs mounted on a fresh directory; unmounted on drop.
-struct Hugetlbfs(TempDir);
-
-impl Hugetlbfs {
-    fn mount() -> Result<Self, String> {
-        let dir = TempDir::new("hugetlbfs");
-        let out = std::process::Command::new("mount")
-            .args(["-t", "hugetlbfs", "none"])
-            .arg(dir.path())
-            .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "mount -t hugetlbfs failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(Hugetlbfs(dir))
-    }
-}
-
-impl Drop for Hugetlbfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.0.path())
-            .output();
-    }
-}
-
 #[test]
 fn hugetlb_memory_migrates_both_ways_and_locally_and_refuses_background_snapshots() {
     let test = "hugetlb_memory_migrates_both_ways_and_locally_and_refuses_background_snapshots";
@@ -265,7 +235,7 @@ fn hugetlb_memory_migrates_both_ways_and_locally_and_refuses_background_snapshot
             return;
         }
     };
-    let fs = match Hugetlbfs::mount() {
+    let fs = match Mount::new("hugetlbfs", "hugetlbfs", None) {
         Ok(m) => m,
         Err(why) => {
             eprintln!("SKIP {test}: {why}");
@@ -277,7 +247,7 @@ fn hugetlb_memory_migrates_both_ways_and_locally_and_refuses_background_snapshot
         "hugetlb",
         "64M,hugepages=hugetlb",
         "64M",
-        &format!("64M,mem-path={},share=on", fs.0.join("guest").display()),
+        &format!("64M,mem-path={},share=on", fs.join("guest").display()),
     );
     // A local migration hands the hugetlb memfd over instead of copying it.
     local_migration("hugetlb-local", "64M,hugepages=hugetlb");

@@ -28,7 +28,6 @@ mod migration_support;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,7 +41,7 @@ use serde_json::{json, Value};
 use tests::leaks::{wait_back_to, Resources};
 use tests::{
     host_pair_or_skip, kvm_missing, one_guest_test_at_a_time, skip_unless, Faults, Ferry,
-    FerryOptions, HostPair, Proxy, TempDir,
+    FerryOptions, HostPair, Mount, Proxy, TempDir,
 };
 
 const MIB: u64 = 1 << 20;
@@ -492,45 +491,6 @@ fn a_pause_before_switchover_longer_than_the_io_timeout_still_completes() {
     assert_completed_and_identical(&mut src, &mut dst, &GUEST);
 }
 
-/// A tmpfs of `size` mounted on a fresh directory; unmounted on drop.
-struct Tmpfs {
-    dir: TempDir,
-    mounted: bool,
-}
-
-impl Tmpfs {
-    fn mount(tag: &str, size: &str) -> Result<Tmpfs, String> {
-        let dir = TempDir::new(tag);
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "mount -t tmpfs failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(Tmpfs { dir, mounted: true })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        if self.mounted {
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(self.dir.path())
-                .output();
-        }
-    }
-}
-
 #[test]
 fn fault_disk_full_for_a_file_target_fails_with_enospc_and_leaks_nothing() {
     let _one = one_guest_test_at_a_time();
@@ -538,7 +498,7 @@ fn fault_disk_full_for_a_file_target_fails_with_enospc_and_leaks_nothing() {
     if skip_unless(test, kvm_missing()) {
         return;
     }
-    let fs = match Tmpfs::mount("f-diskfull", "8m") {
+    let fs = match Mount::new("f-diskfull", "tmpfs", Some("size=8m")) {
         Ok(fs) => fs,
         Err(why) => {
             eprintln!("SKIP {test}: {why}");
