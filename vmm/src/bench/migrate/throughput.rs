@@ -613,6 +613,14 @@ pub struct Section {
     pub errors: Vec<String>,
 }
 
+/// The stream counts of `configs`, each once, smallest first.
+fn stream_counts<'a>(configs: impl Iterator<Item = &'a Config>) -> Vec<usize> {
+    let mut counts: Vec<usize> = configs.map(Config::streams).collect();
+    counts.sort_unstable();
+    counts.dedup();
+    counts
+}
+
 /// Runs the section: the TCP references, then every row.
 pub fn run(
     env: &BenchEnv,
@@ -624,11 +632,8 @@ pub fn run(
 ) -> Section {
     let mut errors = Vec::new();
     let mut refs: Vec<TcpFigure> = Vec::new();
-    let mut streams: Vec<usize> = configs.iter().map(Config::streams).collect();
-    streams.sort_unstable();
-    streams.dedup();
     let ref_runs = if env.quick { 2 } else { 3 };
-    for n in streams {
+    for n in stream_counts(configs.iter()) {
         env.say(format!(
             "TCP reference, {n} stream(s), {} MiB",
             memory >> 20
@@ -638,13 +643,7 @@ pub fn run(
             Err(e) => errors.push(format!("TCP reference with {n} stream(s): {e}")),
         }
     }
-    let mut memory_streams: Vec<usize> = configs
-        .iter()
-        .filter(|c| c.moves_pages_as_they_are())
-        .map(Config::streams)
-        .collect();
-    memory_streams.sort_unstable();
-    memory_streams.dedup();
+    let memory_streams = stream_counts(configs.iter().filter(|c| c.moves_pages_as_they_are()));
     let mut tcp_memory = Vec::new();
     if let Some(d) = data_sets.iter().find(|d| d.kind == "random") {
         for n in memory_streams {
