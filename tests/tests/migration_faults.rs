@@ -380,3 +380,47 @@ fn a_destination_that_stops_reading_fails_the_migration_instead_of_hanging() {
         "error-desc should say the destination stopped taking data: {err}"
     );
 }
+
+#[test]
+fn a_destination_that_reports_a_failure_and_stops_reading_fails_the_migration_at_once() {
+    use std::io::{Read, Write};
+    let _one = one_guest_test_at_a_time();
+    let test = "a_destination_that_reports_a_failure_and_stops_reading_fails_the_migration_at_once";
+    if skip_unless(test, kvm_missing()) {
+        return;
+    }
+    let guest = SMALL;
+    // A write that makes no progress would only fail after 10 minutes here: the migration
+    // must end on the destination's word, not on the source's timeout.
+    let mut sopts = guest.source(None);
+    sopts
+        .extra
+        .extend(["--migration-io-timeout".into(), "600".into()]);
+    let mut src = start_source("said-failed-src", &guest, sopts);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let fake = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        // Take the first MiB of the stream, say why it is refused, then read no more while
+        // keeping the connection open (a destination busy tearing down, say).
+        let mut first = vec![0u8; MIB as usize];
+        s.read_exact(&mut first)?;
+        let why = migration::stream::reply::Reply::Failed("fake destination: no room".into());
+        s.write_all(&why.encode())?;
+        let _ = held.recv_timeout(Duration::from_secs(120));
+        Ok(())
+    });
+    migrate(&mut src, &format!("tcp:127.0.0.1:{port}"));
+    let err = assert_failed_with(
+        &mut src,
+        Duration::from_secs(30),
+        &["fake destination: no room"],
+    );
+    assert!(err.contains("the destination failed"), "{err}");
+    drop(release);
+    fake.join()
+        .expect("the fake destination thread")
+        .expect("the fake destination read the first MiB and replied");
+    assert_source_intact(&mut src, &guest);
+}

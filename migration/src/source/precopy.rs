@@ -83,7 +83,8 @@ pub(super) fn run(shared: Arc<Shared>, uri: MigrationUri) {
 }
 
 /// Reads the destination's replies on a second handle of the channel, in a thread, until
-/// the connection ends; the error says what could not be set up.
+/// the connection ends or the destination reports a failure (which also shuts the channel
+/// down); the error says what could not be set up.
 pub(crate) fn spawn_reply_reader(
     ch: &Channel,
 ) -> std::result::Result<Receiver<std::result::Result<Reply, String>>, String> {
@@ -95,6 +96,15 @@ pub(crate) fn spawn_reply_reader(
         .name("migration-rp".into())
         .spawn(move || loop {
             match Reply::read_from(&mut reader) {
+                Ok(Reply::Failed(why)) => {
+                    let _ = tx.send(Ok(Reply::Failed(why)));
+                    // The migration is over: wake a sender blocked writing to a destination
+                    // that no longer reads (its write fails now, and the failure is
+                    // explained with the destination's words) instead of leaving it
+                    // blocked until the io timeout.
+                    reader.shutdown();
+                    return;
+                }
                 Ok(r) => {
                     if tx.send(Ok(r)).is_err() {
                         return;
