@@ -161,10 +161,14 @@ impl CorruptingProxy {
                 up.try_clone().expect("clone"),
                 down.try_clone().expect("clone"),
             );
-            std::thread::spawn(move || copy_back(down2, up2));
+            let back = std::thread::spawn(move || copy_back(down2, up2));
             let _ = forward(&up, &down, &inj);
+            // Pass the end on to the destination, but leave the source's side open until
+            // what the destination says (its FAILED reply) has reached the source: closing
+            // it here raced that reply.
+            let _ = down.shutdown(Shutdown::Write);
+            let _ = back.join();
             let _ = up.shutdown(Shutdown::Both);
-            let _ = down.shutdown(Shutdown::Both);
         });
         CorruptingProxy { port, injected }
     }
