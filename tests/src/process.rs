@@ -155,6 +155,12 @@ impl Ferry {
         self.child.as_ref().map_or(0, |c| c.id())
     }
 
+    /// A KiB figure of the process's `/proc/PID/status` (`RssAnon`, `RssShmem`, `VmRSS`...);
+    /// 0 when the process or the field is gone.
+    pub fn status_kib(&self, field: &str) -> u64 {
+        status_kib(self.pid(), field)
+    }
+
     /// The QMP client.
     pub fn qmp(&mut self) -> &mut QmpClient {
         if self.qmp.is_none() {
@@ -274,4 +280,15 @@ impl Drop for Ferry {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A KiB figure of `/proc/PID/status` (`RssShmem`, `VmRSS`...); 0 when the process or the
+/// field is gone.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }

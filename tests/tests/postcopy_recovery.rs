@@ -181,16 +181,6 @@ fn a_link_cut_in_postcopy_pauses_both_sides_and_recovery_loses_no_page() {
     assert_guest_intact(&mut dst, &STEADY);
 }
 
-/// `RssShmem` of a process, KiB.
-fn rss_shmem_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("RssShmem:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn release_ram_frees_the_source_memory_the_destination_has() {
     let _one = one_guest_test_at_a_time();
@@ -199,7 +189,7 @@ fn release_ram_frees_the_source_memory_the_destination_has() {
         return;
     }
     let (mut src, mut dst, uri) = start_pair("pcrel", &FAST, &["postcopy-ram", "release-ram"]);
-    let before = rss_shmem_kib(src.pid());
+    let before = src.status_kib("RssShmem");
     assert!(
         before >= 32 << 10,
         "the source guest's working set is resident: {before} KiB"
@@ -211,10 +201,10 @@ fn release_ram_frees_the_source_memory_the_destination_has() {
         .unwrap_or(0);
     // The source process lets go of its memory once the destination has it.
     let deadline = Instant::now() + Duration::from_secs(5);
-    let mut after = rss_shmem_kib(src.pid());
+    let mut after = src.status_kib("RssShmem");
     while after > before / 4 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
-        after = rss_shmem_kib(src.pid());
+        after = src.status_kib("RssShmem");
     }
     eprintln!("{test}: RssShmem {before} KiB -> {after} KiB, {released} pages released");
     assert!(

@@ -111,16 +111,6 @@ fn noise(len: usize, mut seed: u64) -> Vec<u8> {
     out
 }
 
-/// The VMM's own resident memory (RssAnon: heap and stacks, not the guest's memfd RAM).
-fn rss_anon_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
-        .unwrap_or(0)
-}
-
 #[test]
 fn garbage_bytes_get_parse_errors_and_the_guest_keeps_running() {
     if skip_unless("garbage", kvm_missing()) {
@@ -185,7 +175,7 @@ fn huge_lines_are_answered_or_dropped_without_growing_the_vmm() {
     }
     let _one = one_guest();
     let mut ferry = start("bad-huge");
-    let rss_before = rss_anon_kib(ferry.pid());
+    let rss_before = ferry.status_kib("RssAnon");
 
     // 40 MiB inside one string token: under QEMU's 64 MiB token limit, so it is parsed and
     // refused as an unexpected argument.
@@ -231,7 +221,7 @@ fn huge_lines_are_answered_or_dropped_without_growing_the_vmm() {
     let _ = reader.join();
 
     assert_guest_healthy(&mut ferry, "huge lines");
-    let rss_after = rss_anon_kib(ferry.pid());
+    let rss_after = ferry.status_kib("RssAnon");
     eprintln!("RssAnon before the huge lines {rss_before} KiB, after {rss_after} KiB");
     assert!(
         rss_after < rss_before + (32 << 10),
