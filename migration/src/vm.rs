@@ -77,6 +77,12 @@ pub trait DestVm: Send + Sync {
         let _ = memory;
         Err("this VM cannot map another process's guest memory".into())
     }
+    /// The source says only `ranges` of guest memory may hold data (the rest reads as zero
+    /// and is never written by the load): the VM may allocate those pages ahead of the
+    /// receiver, and should allocate nothing else.
+    fn populate_ahead(&self, ranges: &[crate::stream::ranges::PageRange]) {
+        let _ = ranges;
+    }
     /// QEMU's `decompress-error-check` property: a compressed page that does not inflate
     /// fails the migration (off: the page is zeroed and waits for a later copy).
     fn decompress_error_check(&self) -> bool {

@@ -34,11 +34,11 @@ fn wait_progress(f: &mut Ferry) {
     }
 }
 
-/// Migrates the running `src` into a new destination with `memory`; checks the digests,
-/// the host-side verify and the guest's own verify there; returns the destination, running.
-fn migrate_to(src: &mut Ferry, tag: &str, memory: &str) -> Ferry {
+/// A destination with `memory` listening on a free loopback port, its guest kept paused
+/// after the migration (`-S`); returns it and the port.
+fn paused_destination(tag: &str, memory: &str) -> (Ferry, u16) {
     let port = free_port();
-    let mut dst = Ferry::start(
+    let dst = Ferry::start(
         tag,
         &FerryOptions {
             memory: memory.into(),
@@ -49,8 +49,23 @@ fn migrate_to(src: &mut Ferry, tag: &str, memory: &str) -> Ferry {
             ..FerryOptions::default()
         },
     );
+    (dst, port)
+}
+
+/// Migrates the running `src` into a new destination with `memory`; checks the digests,
+/// the host-side verify and the guest's own verify there; returns the destination, running.
+fn migrate_to(src: &mut Ferry, tag: &str, memory: &str) -> Ferry {
+    migrate_to_at(src, tag, memory, 0)
+}
+
+/// [`migrate_to`] with max-bandwidth `bandwidth` (bytes/s, 0: unlimited).
+fn migrate_to_at(src: &mut Ferry, tag: &str, memory: &str, bandwidth: u64) -> Ferry {
+    let (mut dst, port) = paused_destination(tag, memory);
     let before = src.pages_written();
-    src.cmd("migrate-set-parameters", json!({"max-bandwidth": 0}));
+    src.cmd(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": bandwidth }),
+    );
     src.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
     let info = src.wait_migration_end(Duration::from_secs(60));
     assert_eq!(info["status"], "completed", "{tag}: {info}\n{}", src.log());
@@ -130,6 +145,55 @@ fn memfd_and_anonymous_memory_migrate_both_ways() {
     }
     let _one = one_guest_test_at_a_time();
     round_trip("memfd-anon", "64M", "64M,backend=anon", "64M");
+}
+
+/// The `T` of the destination's "populated N of T MiB ahead of the receiver" line.
+fn populate_total_mib(log: &str) -> Option<u64> {
+    let line = log.lines().find(|l| l.contains("ahead of the receiver"))?;
+    let rest = line.split(" of ").nth(1)?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+#[test]
+fn the_destination_allocates_only_the_memory_the_source_guest_uses() {
+    if skip_unless(
+        "the_destination_allocates_only_the_memory_the_source_guest_uses",
+        kvm_missing(),
+    ) {
+        return;
+    }
+    let _one = one_guest_test_at_a_time();
+    // A 1 GiB guest whose workload writes 16 MiB: the pages it never touched read as zero
+    // and must not be allocated on the destination either (as with QEMU), populate or not.
+    // At 16 MiB/s the migration lasts long enough for a populate of all RAM to finish.
+    for (tag, memory, field) in [
+        ("sparse-memfd", "1G", "RssShmem"),
+        ("sparse-anon", "1G,backend=anon", "RssAnon"),
+    ] {
+        let mut src = Ferry::start(&format!("{tag}-src"), &options(memory));
+        wait_progress(&mut src);
+        // 4 MB/s of writes, so that 16 MiB/s converges.
+        src.cmd("ferry-guest-set-rate", json!({"rate": 1000}));
+        let used = src.status_kib(field);
+        let dst = migrate_to_at(&mut src, &format!("{tag}-dst"), memory, 16 << 20);
+        let got = dst.status_kib(field);
+        let log = dst.log();
+        eprintln!("{tag}: source {field} {used} KiB, destination {got} KiB\n{log}");
+        assert!(
+            got < 256 << 10,
+            "{tag}: the destination holds {got} KiB of a 1 GiB guest that uses {used} KiB"
+        );
+        assert!(
+            got <= used + (64 << 10),
+            "{tag}: the destination holds {got} KiB, the source {used} KiB"
+        );
+        if let Some(total) = populate_total_mib(&log) {
+            assert!(
+                total < 256,
+                "{tag}: populated ahead over {total} MiB of a guest that uses {used} KiB"
+            );
+        }
+    }
 }
 
 #[test]
@@ -296,18 +360,7 @@ fn a_file_image_is_the_guests_memory_and_migrates_with_it() {
 /// Migrates into a paused destination and compares digests only (a guest without a
 /// working set has nothing to verify).
 fn migrate_to_paused(src: &mut Ferry, tag: &str, memory: &str) -> Ferry {
-    let port = free_port();
-    let mut dst = Ferry::start(
-        tag,
-        &FerryOptions {
-            memory: memory.into(),
-            vcpus: 1,
-            workload: None,
-            incoming: Some(format!("tcp:127.0.0.1:{port}")),
-            extra: vec!["-S".into()],
-            ..FerryOptions::default()
-        },
-    );
+    let (mut dst, port) = paused_destination(tag, memory);
     src.cmd("migrate-set-parameters", json!({"max-bandwidth": 0}));
     src.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
     let info = src.wait_migration_end(Duration::from_secs(60));

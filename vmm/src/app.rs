@@ -147,16 +147,15 @@ impl Vmm {
             .options
             .caps()
             .get(migration::options::Capability::XIgnoreShared);
-        let populate: crate::vm_adapter::PopulateSlot = Arc::new(std::sync::Mutex::new(
-            if fresh && !local && !self.machine.config().memory.prealloc {
-                start_populate(self.machine.ram())
-            } else {
-                None
-            },
-        ));
+        let populate_threads = if fresh && !local && !self.machine.config().memory.prealloc {
+            populate_threads(std::env::var(POPULATE_ENV).ok().as_deref())
+        } else {
+            None
+        };
+        let populate = crate::vm_adapter::PopulateSlot::default();
         let dest = Arc::new(
             MachineDest::new(self.machine.clone(), self.uuid, self.autostart)
-                .with_populate(populate.clone())
+                .with_populate(populate.clone(), populate_threads)
                 .with_decompress_error_check(self.props.decompress_error_check),
         );
         let incoming = Incoming::start_with_hooks(
@@ -213,23 +212,6 @@ fn populate_threads(setting: Option<&str>) -> Option<usize> {
             |_| ram::guest_ram::threads_for_incoming_populate(),
             |n| n.clamp(1, 64),
         )),
-    }
-}
-
-/// Starts populating fresh destination memory in RAM-offset order, the order in which the
-/// first pass of an incoming migration writes it, so the receiver rarely faults.
-///
-/// Everything is populated (as QEMU's prealloc would) unless the migration ends first; a
-/// chunk the receiver already wrote into is skipped.
-fn start_populate(ram: &std::sync::Arc<ram::GuestRam>) -> Option<ram::BackgroundPopulate> {
-    let setting = std::env::var(POPULATE_ENV).ok();
-    let threads = populate_threads(setting.as_deref())?;
-    match ram::BackgroundPopulate::start(ram.clone(), threads) {
-        Ok(p) => Some(p),
-        Err(e) => {
-            eprintln!("ferry: cannot populate guest memory ahead of the migration: {e}");
-            None
-        }
     }
 }
 

@@ -21,6 +21,11 @@ pub trait LoadProgress {
     fn end(&mut self) -> Result<()> {
         Ok(())
     }
+    /// A DATA_RANGES frame arrived: only `ranges` may hold data (checked against RAM).
+    fn data_ranges(&mut self, ranges: &[PageRange]) -> Result<()> {
+        let _ = ranges;
+        Ok(())
+    }
 }
 
 /// Checks the stream header against this VM.
@@ -382,6 +387,9 @@ pub fn load_stream_until<R: StreamSource>(
             Frame::Other(FrameKind::Discard, payload) => {
                 discard.extend(decode_ranges(payload, ram_size >> PAGE_SHIFT)?);
             }
+            Frame::Other(FrameKind::DataRanges, payload) => {
+                progress.data_ranges(&decode_ranges(payload, ram_size >> PAGE_SHIFT)?)?;
+            }
             Frame::Other(FrameKind::PostcopyListen, payload) => {
                 loader.settle()?;
                 let listen = Listen::decode(payload)?;
@@ -405,6 +413,102 @@ pub fn load_stream_until<R: StreamSource>(
             }
             // FrameReader::next skips these.
             Frame::Other(FrameKind::Keepalive, _) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::info::{MigrationCounters, Phase};
+    use crate::rate_limit::RateLimiter;
+    use crate::source::ram_sender::RamSender;
+    use crate::stream::frame::FrameWriter;
+    use crate::stream::ranges::encode_ranges;
+    use crate::test_pages::{anon_ram, fill_mixed};
+
+    /// Records the DATA_RANGES the loader reports.
+    #[derive(Default)]
+    struct Seen(Vec<Vec<PageRange>>);
+
+    impl LoadProgress for Seen {
+        fn pass_end(&mut self, _pass: u64) -> Result<()> {
+            Ok(())
+        }
+        fn data_ranges(&mut self, ranges: &[PageRange]) -> Result<()> {
+            self.0.push(ranges.to_vec());
+            Ok(())
+        }
+    }
+
+    fn ending(out: &mut FrameWriter<Vec<u8>>) {
+        out.frame(FrameKind::PassEnd, &1u64.to_le_bytes()).unwrap();
+        out.frame(FrameKind::State, b"state").unwrap();
+        out.frame(FrameKind::End, &[0u8; 16]).unwrap();
+    }
+
+    #[test]
+    fn the_first_pass_tells_the_destination_which_pages_may_hold_data() {
+        let src = anon_ram(4 << 20);
+        // Two touched runs in 1024 pages; the rest was never touched.
+        fill_mixed(&src, 1, 10..20);
+        fill_mixed(&src, 1, 500..600);
+        let (counters, limiter, cancel) = (
+            MigrationCounters::new(0),
+            RateLimiter::with_limit(0),
+            AtomicBool::new(false),
+        );
+        let mut out = FrameWriter::new(Vec::new());
+        let bitmap = AtomicBitmap::new(src.page_count());
+        bitmap.set_all();
+        let mut sender =
+            RamSender::new(&src, &mut out, &counters, &limiter, &cancel, Phase::Precopy);
+        sender.send_holes(&bitmap, || src.data_ranges()).unwrap();
+        sender.send_bitmap(&bitmap, |_| Ok(())).unwrap();
+        drop(sender);
+        ending(&mut out);
+        let stream = out.into_inner();
+
+        let dst = anon_ram(4 << 20);
+        let mut loader = RamLoader::new(&dst, true);
+        let mut seen = Seen::default();
+        let mut reader = FrameReader::new(&stream[..]);
+        load_stream(&mut reader, &mut loader, &mut seen).unwrap();
+        assert_eq!(seen.0.len(), 1, "one DATA_RANGES frame");
+        let ranges = &seen.0[0];
+        for p in (10..20).chain(500..600) {
+            assert!(ranges.iter().any(|r| r.pages().contains(&p)), "page {p}");
+        }
+        let covered = crate::stream::ranges::page_count(ranges);
+        assert!(
+            covered < 200,
+            "{covered} pages said to hold data: {ranges:?}"
+        );
+        for p in 0..src.page_count() {
+            assert_eq!(src.page(p), dst.page(p), "page {p}");
+        }
+    }
+
+    #[test]
+    fn data_ranges_outside_guest_ram_are_refused() {
+        let dst = anon_ram(1 << 20);
+        for (first, count) in [(250, 7), (0, 0), (u64::MAX, 2)] {
+            let mut payload = Vec::new();
+            encode_ranges(&[PageRange { first, count }], &mut payload);
+            let mut out = FrameWriter::new(Vec::new());
+            out.frame(FrameKind::DataRanges, &payload).unwrap();
+            ending(&mut out);
+            let stream = out.into_inner();
+            let mut loader = RamLoader::new(&dst, true);
+            let mut seen = Seen::default();
+            let e = load_stream(&mut FrameReader::new(&stream[..]), &mut loader, &mut seen)
+                .unwrap_err();
+            assert!(e.to_string().contains("page range"), "{first}+{count}: {e}");
+            assert!(seen.0.is_empty());
         }
     }
 }

@@ -66,6 +66,7 @@ pub(super) fn load(
         sent: false,
         ch: reply_ch.as_deref_mut(),
         multifd: None,
+        vm: None,
     };
     let state = load_stream(&mut reader, &mut loader, &mut progress)?;
     finish(&mut reader, &state, reply_ch, vm)

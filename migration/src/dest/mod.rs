@@ -68,15 +68,24 @@ pub struct Incoming {
 const MULTIFD_ACCEPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Sends SWITCHOVER_ACK after the first pass when the source asked for it; with multifd,
-/// makes every pass end wait for the channels' SYNCs.
+/// makes every pass end wait for the channels' SYNCs; hands the source's data ranges to
+/// `vm` (none for a local migration, whose memory is the source's own).
 struct AckAfterFirstPass<'a> {
     want: bool,
     sent: bool,
     ch: Option<&'a mut Channel>,
     multifd: Option<&'a mut MultifdReceiver>,
+    vm: Option<&'a dyn DestVm>,
 }
 
 impl LoadProgress for AckAfterFirstPass<'_> {
+    fn data_ranges(&mut self, ranges: &[crate::stream::ranges::PageRange]) -> Result<()> {
+        if let Some(vm) = self.vm {
+            vm.populate_ahead(ranges);
+        }
+        Ok(())
+    }
+
     fn end(&mut self) -> Result<()> {
         match self.multifd.as_deref_mut() {
             Some(m) => m.finish(),
@@ -377,6 +386,7 @@ fn load(
         sent: false,
         ch: reply_ch.as_deref_mut(),
         multifd: multifd.as_mut(),
+        vm: Some(vm),
     };
     let loaded = load_stream_until(&mut reader, &mut loader, &mut progress);
     let end = match (loaded, multifd.as_ref().and_then(|m| m.error())) {

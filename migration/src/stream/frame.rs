@@ -40,6 +40,9 @@ pub enum FrameKind {
     /// Nothing (empty): the source is alive but has nothing to send (it waits for
     /// migrate-continue in pre-switchover); readers skip it.
     Keepalive = 9,
+    /// Before the first pass: the page ranges that may hold data (see [`super::ranges`]);
+    /// every other page reads as zero, so the destination need not allocate it.
+    DataRanges = 10,
 }
 
 impl FrameKind {
@@ -54,6 +57,7 @@ impl FrameKind {
             7 => Some(FrameKind::PostcopyRun),
             8 => Some(FrameKind::PostcopyHello),
             9 => Some(FrameKind::Keepalive),
+            10 => Some(FrameKind::DataRanges),
             _ => None,
         }
     }

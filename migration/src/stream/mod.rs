@@ -8,6 +8,8 @@
 //!    |-- Header (64 bytes) -------------------------------------->|  magic "FERRYMIG", version,
 //!    |                                                            |  VM UUID, RAM size, page size,
 //!    |                                                            |  vCPUs, features; checked first
+//!    |-- Frame DATA_RANGES [page ranges] ------------------------>|  what may hold data: the rest
+//!    |                                                            |  is zero and is not allocated
 //!    |-- Frame RAM [record...] ---------------------------------->|  pages of the first pass
 //!    |-- Frame RAM ...                                            |
 //!    |-- Frame PASS_END {pass} ---------------------------------->|  end of a pass over memory

@@ -155,9 +155,61 @@ pub fn page_count(ranges: &[PageRange]) -> u64 {
     ranges.iter().map(|r| r.count).sum()
 }
 
+/// `ranges` (sorted, disjoint `[start, end)` page numbers) as at most `max_ranges` page
+/// ranges covering them: neighbours less than `min_gap` pages apart are merged (a few pages
+/// in between are covered for far fewer ranges), and the gap doubles until the list fits.
+pub fn coarsened(ranges: &[(u64, u64)], min_gap: u64, max_ranges: usize) -> Vec<PageRange> {
+    let mut gap = min_gap.max(1);
+    loop {
+        let mut out: Vec<PageRange> = Vec::new();
+        for &(start, end) in ranges.iter().filter(|(s, e)| e > s) {
+            match out.last_mut() {
+                Some(r) if start < r.first + r.count + gap => {
+                    r.count = r.count.max(end - r.first);
+                }
+                _ => out.push(PageRange {
+                    first: start,
+                    count: end - start,
+                }),
+            }
+        }
+        if out.len() <= max_ranges.max(1) || gap > u64::MAX / 4 {
+            return out;
+        }
+        gap *= 2;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coarsened_merges_close_neighbours_and_fits_the_limit() {
+        let r = |first, count| PageRange { first, count };
+        let ranges = [(0, 4), (6, 8), (100, 101), (1000, 1010)];
+        assert_eq!(
+            coarsened(&ranges, 1, 10),
+            vec![r(0, 4), r(6, 2), r(100, 1), r(1000, 10)]
+        );
+        assert_eq!(
+            coarsened(&ranges, 16, 10),
+            vec![r(0, 8), r(100, 1), r(1000, 10)]
+        );
+        // Two ranges at most: the gap grows until 0..8 and 100..101 merge.
+        assert_eq!(coarsened(&ranges, 16, 2), vec![r(0, 101), r(1000, 10)]);
+        assert_eq!(coarsened(&ranges, 16, 1), vec![r(0, 1010)]);
+        assert_eq!(coarsened(&[], 16, 1), vec![]);
+        assert_eq!(coarsened(&[(5, 5), (7, 9)], 1, 4), vec![r(7, 2)]);
+        // Every page asked for stays covered.
+        for max in 1..5 {
+            let c = coarsened(&ranges, 1, max);
+            assert!(c.len() <= max);
+            for &(s, e) in &ranges {
+                assert!((s..e).all(|p| c.iter().any(|r| r.pages().contains(&p))));
+            }
+        }
+    }
 
     #[test]
     fn round_trip_and_bounds() {
