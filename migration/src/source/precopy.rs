@@ -511,7 +511,9 @@ fn migrate(shared: &Arc<Shared>, uri: &MigrationUri, stopped_vcpus: &mut bool) -
                 if pass == 1 {
                     // Pages never touched read as zero: send them as zero runs without reading
                     // (or, for shared memory, allocating) them.
-                    sender.send_holes(&bitmap, || ram.data_ranges())?;
+                    sender
+                        .send_holes(&bitmap, || ram.data_ranges())
+                        .map_err(|e| replies.explain(e))?;
                 }
                 sender
                     .send_bitmap(&bitmap, |_| {
