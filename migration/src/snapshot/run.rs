@@ -272,7 +272,11 @@ fn snapshot(
     *shared.faults.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats.clone());
     shared.set_status(MigrationStatus::Active);
 
-    // Stream every page.
+    // Stream every page, after what may hold data (a restore allocates nothing else).
+    out.frame(
+        FrameKind::DataRanges,
+        &crate::stream::ranges::data_ranges_payload(&data),
+    )?;
     let mut digest = PageDigest::new(pages);
     let mut last_file_check = Instant::now();
     let id = *file_id;

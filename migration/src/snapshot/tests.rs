@@ -247,6 +247,7 @@ fn load(path: &Path, into: &GuestRam) -> Vec<u8> {
     let mut reader = FrameReader::new(r);
     let mut seen = vec![0u8; into.page_count() as usize];
     let mut state = None;
+    let mut data_ranges: Option<Vec<crate::stream::ranges::PageRange>> = None;
     loop {
         match reader.next(into.size()).unwrap() {
             Frame::Ram(dir) => {
@@ -263,6 +264,15 @@ fn load(path: &Path, into: &GuestRam) -> Vec<u8> {
                         RamRecord::Page { offset, hash } => {
                             let bytes = &data[at..at + PAGE_SIZE];
                             assert_eq!(ram::page_hash(bytes), hash);
+                            let page = offset / 4096;
+                            assert!(
+                                data_ranges
+                                    .as_ref()
+                                    .expect("DATA_RANGES before the pages")
+                                    .iter()
+                                    .any(|r| r.pages().contains(&page)),
+                                "page {page} holds data outside DATA_RANGES"
+                            );
                             into.write_page(offset / 4096, bytes).unwrap();
                             seen[(offset / 4096) as usize] += 1;
                             at += PAGE_SIZE;
@@ -276,6 +286,11 @@ fn load(path: &Path, into: &GuestRam) -> Vec<u8> {
                         other => panic!("unexpected record {other:?}"),
                     }
                 }
+            }
+            Frame::Other(FrameKind::DataRanges, b) => {
+                assert!(data_ranges.is_none(), "one DATA_RANGES frame");
+                data_ranges =
+                    Some(crate::stream::ranges::decode_ranges(b, into.page_count()).unwrap());
             }
             Frame::Other(FrameKind::State, s) => state = Some(s.to_vec()),
             Frame::Other(FrameKind::End, _) => break,

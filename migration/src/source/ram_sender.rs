@@ -10,9 +10,9 @@ use crate::compress::{CompressPool, Done, Submitted};
 use crate::error::{MigrationError, Result};
 use crate::info::{Channel, MigrationCounters, Phase};
 use crate::rate_limit::RateLimiter;
-use crate::stream::frame::{FrameKind, FrameWriter, MAX_FRAME_PAYLOAD};
+use crate::stream::frame::{FrameKind, FrameWriter};
 use crate::stream::ram::{RamEntry, RamRecord};
-use crate::stream::ranges::{coarsened, encode_ranges, RANGE_LEN};
+use crate::stream::ranges::data_ranges_payload;
 use crate::vm::DirtyTracker;
 use crate::xbzrle::{Outcome, XbzrleEncoder};
 
@@ -20,11 +20,6 @@ use crate::xbzrle::{Outcome, XbzrleEncoder};
 pub const FRAME_ENTRIES: usize = 128;
 /// Data bytes after which a RAM frame is sent.
 pub const FRAME_DATA: usize = 512 << 10;
-
-/// Data ranges closer than this many pages go as one in DATA_RANGES: the destination may
-/// allocate up to 60 KiB of zero pages between two for a list (and madvise calls) up to 16
-/// times shorter on scattered memory.
-const DATA_RANGES_GAP: u64 = 16;
 
 /// Where a record's data comes from.
 enum DataRef<'a> {
@@ -406,10 +401,8 @@ impl<'a, 'e, W: Write> RamSender<'a, 'e, W> {
     fn send_data_ranges(&mut self, ranges: &[(u64, u64)]) -> Result<()> {
         self.flush_zero_run()?;
         self.flush_frame()?;
-        let list = coarsened(ranges, DATA_RANGES_GAP, MAX_FRAME_PAYLOAD / RANGE_LEN);
-        let mut payload = Vec::new();
-        encode_ranges(&list, &mut payload);
-        self.out.frame(FrameKind::DataRanges, &payload)?;
+        self.out
+            .frame(FrameKind::DataRanges, &data_ranges_payload(ranges))?;
         self.account()
     }
 

@@ -155,6 +155,24 @@ pub fn page_count(ranges: &[PageRange]) -> u64 {
     ranges.iter().map(|r| r.count).sum()
 }
 
+/// Data ranges closer than this many pages go as one in DATA_RANGES: the destination may
+/// allocate up to 60 KiB of zero pages between two for a list (and madvise calls) up to 16
+/// times shorter on scattered memory.
+pub const DATA_RANGES_GAP: u64 = 16;
+
+/// The payload of a DATA_RANGES frame for `ranges` (sorted `[start, end)` page numbers that
+/// may hold data), coarsened to fit one frame.
+pub fn data_ranges_payload(ranges: &[(u64, u64)]) -> Vec<u8> {
+    let list = coarsened(
+        ranges,
+        DATA_RANGES_GAP,
+        super::frame::MAX_FRAME_PAYLOAD / RANGE_LEN,
+    );
+    let mut payload = Vec::new();
+    encode_ranges(&list, &mut payload);
+    payload
+}
+
 /// `ranges` (sorted, disjoint `[start, end)` page numbers) as at most `max_ranges` page
 /// ranges covering them: neighbours less than `min_gap` pages apart are merged (a few pages
 /// in between are covered for far fewer ranges), and the gap doubles until the list fits.
