@@ -164,7 +164,8 @@ fn the_destination_allocates_only_the_memory_the_source_guest_uses() {
     }
     let _one = one_guest_test_at_a_time();
     // A 1 GiB guest whose workload writes 16 MiB: the pages it never touched read as zero
-    // and must not be allocated on the destination either (as with QEMU), populate or not.
+    // and must not be allocated on the destination either (QEMU allocates what it
+    // receives), populate ahead or not.
     // At 16 MiB/s the migration lasts long enough for a populate of all RAM to finish.
     for (tag, memory, field) in [
         ("sparse-memfd", "1G", "RssShmem"),
@@ -183,8 +184,10 @@ fn the_destination_allocates_only_the_memory_the_source_guest_uses() {
             got < 256 << 10,
             "{tag}: the destination holds {got} KiB of a 1 GiB guest that uses {used} KiB"
         );
+        // Beyond what the source holds, at most the 64 MiB populated before the source
+        // said what holds data, and a little of the VMM's own.
         assert!(
-            got <= used + (64 << 10),
+            got <= used + (80 << 10),
             "{tag}: the destination holds {got} KiB, the source {used} KiB"
         );
         if let Some(total) = populate_total_mib(&log) {

@@ -10,6 +10,7 @@ use migration::source::Outgoing;
 use migration::transport::MigrationUri;
 use serde_json::Value;
 
+use crate::incoming_populate::IncomingPopulate;
 use crate::machine::{EventSink, Machine};
 use crate::qmp::EventBus;
 use crate::vm_adapter::MachineDest;
@@ -147,15 +148,16 @@ impl Vmm {
             .options
             .caps()
             .get(migration::options::Capability::XIgnoreShared);
-        let populate_threads = if fresh && !local && !self.machine.config().memory.prealloc {
-            populate_threads(std::env::var(POPULATE_ENV).ok().as_deref())
+        let populate = if fresh && !local && !self.machine.config().memory.prealloc {
+            populate_threads(std::env::var(POPULATE_ENV).ok().as_deref()).map(|threads| {
+                Arc::new(IncomingPopulate::start(self.machine.ram().clone(), threads))
+            })
         } else {
             None
         };
-        let populate = crate::vm_adapter::PopulateSlot::default();
         let dest = Arc::new(
             MachineDest::new(self.machine.clone(), self.uuid, self.autostart)
-                .with_populate(populate.clone(), populate_threads)
+                .with_populate(populate.clone())
                 .with_decompress_error_check(self.props.decompress_error_check),
         );
         let incoming = Incoming::start_with_hooks(
@@ -165,9 +167,8 @@ impl Vmm {
             Arc::new(self.events.clone()),
             fresh,
             Box::new(move |result| {
-                // What is not populated by now was never sent: it stays zero, unallocated.
-                if let Some(p) = populate.lock().ok().and_then(|mut p| p.take()) {
-                    report_populate(p);
+                if let Some(p) = &populate {
+                    p.report();
                 }
                 me.options.set_incoming(false);
                 match result {
@@ -212,21 +213,6 @@ fn populate_threads(setting: Option<&str>) -> Option<usize> {
             |_| ram::guest_ram::threads_for_incoming_populate(),
             |n| n.clamp(1, 64),
         )),
-    }
-}
-
-fn report_populate(p: ram::BackgroundPopulate) {
-    let total = p.total_bytes();
-    match p.finish() {
-        Ok(s) => eprintln!(
-            "ferry: populated {} of {} MiB ahead of the receiver ({} MiB already written) in {:.2} s on {} thread(s)",
-            s.bytes >> 20,
-            total >> 20,
-            s.skipped_bytes >> 20,
-            s.elapsed.as_secs_f64(),
-            s.threads
-        ),
-        Err(e) => eprintln!("ferry: populating guest memory ahead of the migration failed: {e}"),
     }
 }
 

@@ -9,6 +9,7 @@ pub mod commands;
 pub mod dirty;
 pub mod guest;
 pub mod hostpair;
+pub mod incoming_populate;
 pub mod kvm;
 pub mod machine;
 pub mod qmp;

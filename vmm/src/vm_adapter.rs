@@ -8,6 +8,7 @@ use migration::vm::{DestVm, DirtyTracker, SourceVm};
 use ram::GuestRam;
 use serde::{Deserialize, Serialize};
 
+use crate::incoming_populate::IncomingPopulate;
 use crate::kvm::state::{VcpuState, VmState};
 use crate::machine::{Machine, RunState};
 
@@ -146,22 +147,15 @@ pub struct MachineDest {
     uuid: [u8; 16],
     autostart: bool,
     source_running: AtomicBool,
-    populate: PopulateSlot,
-    /// Threads for populating memory ahead of the receiver, until it starts (or may no
-    /// longer start); None: never.
-    populate_threads: std::sync::Mutex<Option<usize>>,
+    populate: Option<Arc<IncomingPopulate>>,
     decompress_error_check: bool,
 }
 
 impl migration::postcopy::DestHooks for MachineDest {
     fn before_postcopy(&self) {
         // A populate thread would refill discarded pages with zeros no fault replaces.
-        self.forbid_populate();
-        let populate = self.populate.lock().ok().and_then(|mut p| p.take());
-        if let Some(p) = populate {
-            if let Err(e) = p.finish() {
-                eprintln!("ferry: populating guest memory ahead of the migration failed: {e}");
-            }
+        if let Some(p) = &self.populate {
+            p.stop();
         }
     }
 
@@ -201,11 +195,6 @@ pub fn vcpu_thread_ids(vcpus: usize) -> Vec<i32> {
     ids
 }
 
-/// The background populate of an incoming guest's memory, started when the source says
-/// which pages may hold data, stopped before postcopy or before the memory is replaced by a
-/// local migration's (and reported when the migration ends).
-pub type PopulateSlot = Arc<std::sync::Mutex<Option<ram::BackgroundPopulate>>>;
-
 impl MachineDest {
     /// Wraps `machine`; `autostart` false keeps the guest paused after the migration (`-S`).
     pub fn new(machine: Arc<Machine>, uuid: [u8; 16], autostart: bool) -> Self {
@@ -214,8 +203,7 @@ impl MachineDest {
             uuid,
             autostart,
             source_running: AtomicBool::new(true),
-            populate: PopulateSlot::default(),
-            populate_threads: std::sync::Mutex::new(None),
+            populate: None,
             decompress_error_check: true,
         }
     }
@@ -226,20 +214,11 @@ impl MachineDest {
         self
     }
 
-    /// Populates memory ahead of the receiver on `threads` threads (None: not at all), in
-    /// `populate`, once the source has said which pages may hold data.
-    pub fn with_populate(mut self, populate: PopulateSlot, threads: Option<usize>) -> Self {
+    /// Populates memory ahead of the receiver with `populate` (which the source's data
+    /// ranges steer, and postcopy or a local migration stop).
+    pub fn with_populate(mut self, populate: Option<Arc<IncomingPopulate>>) -> Self {
         self.populate = populate;
-        self.populate_threads = std::sync::Mutex::new(threads);
         self
-    }
-
-    /// From now on, no populate starts.
-    fn forbid_populate(&self) {
-        self.populate_threads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
     }
 }
 
@@ -263,32 +242,21 @@ impl DestVm for MachineDest {
     }
     fn adopt_shared_ram(&self, memory: std::fs::File) -> Result<(), String> {
         // Populating our own memory is pointless now, and must not run while it is replaced.
-        self.forbid_populate();
-        let populate = self.populate.lock().map_err(|_| "lock poisoned")?.take();
-        drop(populate);
+        if let Some(p) = &self.populate {
+            p.stop();
+        }
         self.machine
             .ram()
             .adopt_shared(memory)
             .map_err(|e| e.to_string())
     }
     fn populate_ahead(&self, ranges: &[migration::stream::ranges::PageRange]) {
-        let threads = self
-            .populate_threads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let Some(threads) = threads else { return };
-        let ranges: Vec<(u64, u64)> = ranges
-            .iter()
-            .map(|r| (r.first, r.first.saturating_add(r.count)))
-            .collect();
-        match ram::BackgroundPopulate::start_ranges(self.machine.ram().clone(), &ranges, threads) {
-            Ok(p) => {
-                if let Ok(mut slot) = self.populate.lock() {
-                    *slot = Some(p);
-                }
-            }
-            Err(e) => eprintln!("ferry: cannot populate guest memory ahead of the migration: {e}"),
+        if let Some(p) = &self.populate {
+            let ranges: Vec<(u64, u64)> = ranges
+                .iter()
+                .map(|r| (r.first, r.first.saturating_add(r.count)))
+                .collect();
+            p.data_ranges(&ranges);
         }
     }
     fn start(&self) -> Result<(), String> {
