@@ -92,13 +92,16 @@ impl IncomingPopulate {
     /// Stops (what is not populated by now was never sent: it stays zero, unallocated) and
     /// prints what was done, once the migration has ended.
     pub fn report(&self) {
+        lock(&self.threads).take();
         let Some(p) = lock(&self.running).take() else {
             return;
         };
         let total = p.total_bytes();
-        let head = lock(&self.head_start).as_ref().map_or(0, |s| s.bytes);
-        match p.finish() {
-            Ok(s) => eprintln!(
+        // Without a head start on record, the run that just ended was the head start: the
+        // source never said what holds data.
+        let head = lock(&self.head_start).as_ref().map(|s| s.bytes);
+        match (p.finish(), head) {
+            (Ok(s), Some(head)) => eprintln!(
                 "ferry: populated {} of {} MiB ahead of the receiver ({} MiB before the source said what holds data; {} MiB already resident) in {:.2} s on {} thread(s)",
                 s.bytes >> 20,
                 total >> 20,
@@ -107,7 +110,16 @@ impl IncomingPopulate {
                 s.elapsed.as_secs_f64(),
                 s.threads
             ),
-            Err(e) => eprintln!("ferry: populating guest memory ahead of the migration failed: {e}"),
+            (Ok(s), None) => eprintln!(
+                "ferry: populated {} of the first {} MiB ahead of the receiver (the source never said what holds data) in {:.2} s on {} thread(s)",
+                s.bytes >> 20,
+                total >> 20,
+                s.elapsed.as_secs_f64(),
+                s.threads
+            ),
+            (Err(e), _) => {
+                eprintln!("ferry: populating guest memory ahead of the migration failed: {e}")
+            }
         }
     }
 }
