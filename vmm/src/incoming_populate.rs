@@ -35,15 +35,29 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Starts populating `ranges`; None (said on stderr) when it cannot.
+fn start_ranges(
+    ram: Arc<GuestRam>,
+    ranges: &[(u64, u64)],
+    threads: usize,
+) -> Option<BackgroundPopulate> {
+    BackgroundPopulate::start_ranges(ram, ranges, threads)
+        .map_err(|e| eprintln!("ferry: cannot populate guest memory ahead of the migration: {e}"))
+        .ok()
+}
+
+/// Stops `p` and waits for its threads; None (said on stderr) when one of them failed.
+fn finish(p: BackgroundPopulate) -> Option<PopulateStats> {
+    p.finish()
+        .map_err(|e| eprintln!("ferry: populating guest memory ahead of the migration failed: {e}"))
+        .ok()
+}
+
 impl IncomingPopulate {
     /// Starts the head start on `threads` threads.
     pub fn start(ram: Arc<GuestRam>, threads: usize) -> IncomingPopulate {
         let pages = head_start_pages(ram.page_count());
-        let head = BackgroundPopulate::start_ranges(ram.clone(), &[(0, pages)], threads)
-            .map_err(|e| {
-                eprintln!("ferry: cannot populate guest memory ahead of the migration: {e}")
-            })
-            .ok();
+        let head = start_ranges(ram.clone(), &[(0, pages)], threads);
         IncomingPopulate {
             ram,
             threads: Mutex::new(Some(threads)),
@@ -58,23 +72,9 @@ impl IncomingPopulate {
         let Some(threads) = lock(&self.threads).take() else {
             return;
         };
-        self.stop_head_start();
-        match BackgroundPopulate::start_ranges(self.ram.clone(), ranges, threads) {
-            Ok(p) => *lock(&self.running) = Some(p),
-            Err(e) => eprintln!("ferry: cannot populate guest memory ahead of the migration: {e}"),
-        }
-    }
-
-    fn stop_head_start(&self) {
         let head = lock(&self.running).take();
-        if let Some(h) = head {
-            match h.finish() {
-                Ok(s) => *lock(&self.head_start) = Some(s),
-                Err(e) => {
-                    eprintln!("ferry: populating guest memory ahead of the migration failed: {e}")
-                }
-            }
-        }
+        *lock(&self.head_start) = head.and_then(finish);
+        *lock(&self.running) = start_ranges(self.ram.clone(), ranges, threads);
     }
 
     /// Stops for good (before postcopy registers the memory, or before a local migration
@@ -83,9 +83,7 @@ impl IncomingPopulate {
         lock(&self.threads).take();
         let running = lock(&self.running).take();
         if let Some(p) = running {
-            if let Err(e) = p.finish() {
-                eprintln!("ferry: populating guest memory ahead of the migration failed: {e}");
-            }
+            finish(p);
         }
     }
 
@@ -100,8 +98,8 @@ impl IncomingPopulate {
         // Without a head start on record, the run that just ended was the head start: the
         // source never said what holds data.
         let head = lock(&self.head_start).as_ref().map(|s| s.bytes);
-        match (p.finish(), head) {
-            (Ok(s), Some(head)) => eprintln!(
+        match (finish(p), head) {
+            (Some(s), Some(head)) => eprintln!(
                 "ferry: populated {} of {} MiB ahead of the receiver ({} MiB before the source said what holds data; {} MiB already resident) in {:.2} s on {} thread(s)",
                 s.bytes >> 20,
                 total >> 20,
@@ -110,16 +108,14 @@ impl IncomingPopulate {
                 s.elapsed.as_secs_f64(),
                 s.threads
             ),
-            (Ok(s), None) => eprintln!(
+            (Some(s), None) => eprintln!(
                 "ferry: populated {} of the first {} MiB ahead of the receiver (the source never said what holds data) in {:.2} s on {} thread(s)",
                 s.bytes >> 20,
                 total >> 20,
                 s.elapsed.as_secs_f64(),
                 s.threads
             ),
-            (Err(e), _) => {
-                eprintln!("ferry: populating guest memory ahead of the migration failed: {e}")
-            }
+            (None, _) => {}
         }
     }
 }
