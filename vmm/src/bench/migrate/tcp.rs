@@ -177,6 +177,13 @@ pub fn measure_once(ends: &TcpEnds, streams: usize, bytes: u64) -> std::io::Resu
 /// Pages per write and per read of [`measure_memory_once`] (a multifd packet's worth).
 const MEMORY_CHUNK_PAGES: u64 = 128;
 
+/// The pages `[first, end)` in runs of at most [`MEMORY_CHUNK_PAGES`], in order.
+fn memory_chunks(first: u64, end: u64) -> impl Iterator<Item = std::ops::Range<u64>> {
+    (first..end)
+        .step_by(MEMORY_CHUNK_PAGES as usize)
+        .map(move |p| p..(p + MEMORY_CHUNK_PAGES).min(end))
+}
+
 /// The memory-bound reference: `streams` connections move `bytes` from the image at `image`
 /// mapped MAP_PRIVATE (as a source guest started with `mem-path=IMAGE,share=off` maps it)
 /// straight into fresh memfd memory (as the destination's guest memory), each connection a
@@ -217,15 +224,12 @@ pub fn measure_memory_once(
         let (b, src) = (start.clone(), source.clone());
         senders.push(std::thread::spawn(move || -> std::io::Result<()> {
             b.wait();
-            let mut p = first;
-            while p < end {
-                let last = (p + MEMORY_CHUNK_PAGES).min(end);
-                let mut iov: Vec<IoSlice<'_>> = (p..last)
+            for chunk in memory_chunks(first, end) {
+                let mut iov: Vec<IoSlice<'_>> = chunk
                     .filter_map(|i| src.page(i))
                     .map(IoSlice::new)
                     .collect();
                 write_all_vectored(&mut tx, &mut iov)?;
-                p = last;
             }
             tx.flush()
         }));
@@ -233,10 +237,8 @@ pub fn measure_memory_once(
         receivers.push(std::thread::spawn(move || -> std::io::Result<()> {
             let mut rx = Channel::Tcp(rx);
             b.wait();
-            let mut p = first;
-            while p < end {
-                let last = (p + MEMORY_CHUNK_PAGES).min(end);
-                let mut iov: Vec<libc::iovec> = (p..last)
+            for chunk in memory_chunks(first, end) {
+                let mut iov: Vec<libc::iovec> = chunk
                     .filter_map(|i| dst.page_ptr(i))
                     .map(|ptr| libc::iovec {
                         iov_base: ptr.cast(),
@@ -247,7 +249,6 @@ pub fn measure_memory_once(
                 // thread is the only one that writes its share of the pages, and nothing
                 // reads them until every receiver has been joined.
                 unsafe { read_iov_exact(&mut rx, &mut iov) }?;
-                p = last;
             }
             Ok(())
         }));
