@@ -273,8 +273,8 @@ fn load(path: &Path, into: &GuestRam) -> Vec<u8> {
                                     .any(|r| r.pages().contains(&page)),
                                 "page {page} holds data outside DATA_RANGES"
                             );
-                            into.write_page(offset / 4096, bytes).unwrap();
-                            seen[(offset / 4096) as usize] += 1;
+                            into.write_page(page, bytes).unwrap();
+                            seen[page as usize] += 1;
                             at += PAGE_SIZE;
                         }
                         RamRecord::Zero { offset, count } => {
