@@ -262,6 +262,9 @@ pub struct MigrateReport {
     /// TCP from the random image, mapped as the source guest maps it, into fresh memory (one
     /// figure per stream count of the uncompressed rows).
     pub tcp_memory: Vec<tcp::TcpFigure>,
+    /// The same on one stream into preallocated memory (when a plain row goes there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_memory_prealloc: Option<tcp::TcpFigure>,
     /// Throughput rows.
     pub throughput: Vec<throughput::ThroughputRow>,
     /// QEMU's figures from issue 12.
@@ -393,6 +396,7 @@ pub fn run(a: &MigrateArgs) -> Result<MigrateReport, BenchError> {
         data_sets: Vec::new(),
         tcp: Vec::new(),
         tcp_memory: Vec::new(),
+        tcp_memory_prealloc: None,
         throughput: Vec::new(),
         qemu: QemuReference {
             fresh_gib_per_s: (1.0, 1.4),
@@ -430,6 +434,7 @@ pub fn run(a: &MigrateArgs) -> Result<MigrateReport, BenchError> {
         );
         report.tcp = section.tcp;
         report.tcp_memory = section.tcp_memory;
+        report.tcp_memory_prealloc = section.tcp_memory_prealloc;
         report.throughput = section.rows;
         report.errors.extend(section.errors);
     }
@@ -582,10 +587,20 @@ impl MigrateReport {
                     f.runs_rounded()
                 );
             }
-            for f in &self.tcp_memory {
+            let memory_refs = self
+                .tcp_memory
+                .iter()
+                .map(|f| (f, "fresh"))
+                .chain(self.tcp_memory_prealloc.iter().map(|f| (f, "prealloc")));
+            for (f, dest) in memory_refs {
+                let into = if dest == "fresh" {
+                    "fresh"
+                } else {
+                    "preallocated"
+                };
                 let _ = writeln!(
                     t,
-                    "  {} stream(s) from the random image (mapped as the source guest maps it) into fresh memfd memory,\n\
+                    "  {} stream(s) from the random image (mapped as the source guest maps it) into {into} memfd memory,\n\
                      \x20 128 pages per writev/readv, no headers or checks: {:.2} GiB/s (best of {:?})",
                     f.streams,
                     f.gib_per_s,
@@ -593,13 +608,13 @@ impl MigrateReport {
                 );
                 for r in self.throughput.iter().filter(|r| {
                     r.data_set == "random"
-                        && r.dest == "fresh"
+                        && r.dest == dest
                         && throughput::memory_reference_streams(&r.config) == Some(f.streams)
                 }) {
                     if let Some(m) = r.ok() {
                         let _ = writeln!(
                             t,
-                            "  {} first pass, random -> fresh: {:.2} x that memory-bound reference",
+                            "  {} first pass, random -> {dest}: {:.2} x that memory-bound reference",
                             r.config,
                             m.wire_gib_per_s / f.gib_per_s.max(1e-9)
                         );

@@ -161,6 +161,7 @@ mod tests {
             data_sets: Vec::new(),
             tcp: Vec::new(),
             tcp_memory: Vec::new(),
+            tcp_memory_prealloc: None,
             throughput: rows,
             qemu: QemuReference {
                 fresh_gib_per_s: (1.0, 1.4),

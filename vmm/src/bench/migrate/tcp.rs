@@ -7,7 +7,7 @@
 //! read. On a host pair the sender threads enter the first host's network namespace and
 //! the receivers the second's (setns), so the reference crosses the same veth link as the
 //! migration does. A second, memory-bound reference moves a data-set image mapped as the
-//! source guest maps it into fresh memory (see [`measure_memory_once`]).
+//! source guest maps it into fresh or preallocated memory (see [`measure_memory_once`]).
 
 use std::io::{IoSlice, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -186,30 +186,35 @@ fn memory_chunks(first: u64, end: u64) -> impl Iterator<Item = std::ops::Range<u
 
 /// The memory-bound reference: `streams` connections move `bytes` from the image at `image`
 /// mapped MAP_PRIVATE (as a source guest started with `mem-path=IMAGE,share=off` maps it)
-/// straight into fresh memfd memory (as the destination's guest memory), each connection a
-/// contiguous share of the pages, 128 pages per writev and readv, no headers, no checks.
-/// What a migration pays on top of the copy itself, touching every page of both mappings
+/// straight into memfd memory (as the destination's guest memory: fresh, or populated
+/// before the clock starts when `prealloc`), each connection a contiguous share of the
+/// pages, 128 pages per writev and readv, no headers, no checks. What a migration pays on
+/// top of the copy itself, touching every page of the source (and of a fresh destination)
 /// for the first time, is in this figure too. Returns GiB/s.
 pub fn measure_memory_once(
     ends: &TcpEnds,
     image: &Path,
     bytes: u64,
     streams: usize,
+    prealloc: bool,
 ) -> std::io::Result<f64> {
-    let map = |backend| {
+    let map = |backend, prealloc| {
         GuestRam::new(&MemoryConfig {
             size: bytes,
             backend,
             hugepages: HugePages::None,
-            prealloc: false,
+            prealloc,
         })
         .map_err(|e| std::io::Error::other(format!("mapping {bytes} bytes: {e}")))
     };
-    let source = Arc::new(map(Backend::File {
-        path: image.to_path_buf(),
-        share: false,
-    })?);
-    let dest = Arc::new(map(Backend::SharedMemfd)?);
+    let source = Arc::new(map(
+        Backend::File {
+            path: image.to_path_buf(),
+            share: false,
+        },
+        false,
+    )?);
+    let dest = Arc::new(map(Backend::SharedMemfd, prealloc)?);
     let pages = source.page_count();
     let streams = streams.max(1);
     let share = pages.div_ceil(streams as u64);
@@ -284,9 +289,10 @@ pub fn measure_memory(
     bytes: u64,
     streams: usize,
     runs: usize,
+    prealloc: bool,
 ) -> std::io::Result<TcpFigure> {
     TcpFigure::best_of(streams.max(1), bytes, runs, || {
-        measure_memory_once(ends, image, bytes, streams)
+        measure_memory_once(ends, image, bytes, streams, prealloc)
     })
 }
 
@@ -323,9 +329,11 @@ mod tests {
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
         std::fs::write(&image, &bytes).unwrap();
-        // One stream, and three (shares of unequal length: 1024 pages in 3), each checked.
-        for streams in [1, 3] {
-            let f = measure_memory(&TcpEnds::default(), &image, 4 << 20, streams, 2).unwrap();
+        // One stream, and three (shares of unequal length: 1024 pages in 3), each checked;
+        // into fresh and into preallocated memory.
+        for (streams, prealloc) in [(1, false), (3, false), (1, true)] {
+            let f =
+                measure_memory(&TcpEnds::default(), &image, 4 << 20, streams, 2, prealloc).unwrap();
             assert_eq!(f.runs_gib_per_s.len(), 2);
             assert_eq!(f.streams, streams);
             assert!(f.gib_per_s > 0.0 && f.gib_per_s.is_finite(), "{f:?}");

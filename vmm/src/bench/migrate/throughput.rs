@@ -607,6 +607,8 @@ pub struct Section {
     /// The memory-bound TCP references on the random image, one per stream count of the
     /// uncompressed configurations (see [`tcp::measure_memory_once`]).
     pub tcp_memory: Vec<TcpFigure>,
+    /// The same on one stream into preallocated memory, when a plain row goes there.
+    pub tcp_memory_prealloc: Option<TcpFigure>,
     /// Every row.
     pub rows: Vec<ThroughputRow>,
     /// Errors of references and rows that could not run.
@@ -652,10 +654,29 @@ pub fn run(
                 d.kind,
                 memory >> 20
             ));
-            match tcp::measure_memory(&env.tcp_ends(), &d.path, memory, n, ref_runs) {
+            match tcp::measure_memory(&env.tcp_ends(), &d.path, memory, n, ref_runs, false) {
                 Ok(f) => tcp_memory.push(f),
                 Err(e) => errors.push(format!("memory-bound TCP reference, {n} stream(s): {e}")),
             }
+        }
+    }
+    let mut tcp_memory_prealloc = None;
+    let plain_prealloc =
+        configs.iter().any(|c| c.name == "plain") && dests.iter().any(|d| d.name == "prealloc");
+    if let Some(d) = data_sets
+        .iter()
+        .find(|d| d.kind == "random" && plain_prealloc)
+    {
+        env.say(format!(
+            "TCP reference from the {} image into preallocated memory, 1 stream, {} MiB",
+            d.kind,
+            memory >> 20
+        ));
+        match tcp::measure_memory(&env.tcp_ends(), &d.path, memory, 1, ref_runs, true) {
+            Ok(f) => tcp_memory_prealloc = Some(f),
+            Err(e) => errors.push(format!(
+                "memory-bound TCP reference into preallocated memory: {e}"
+            )),
         }
     }
     let tcp_for = |n: usize| refs.iter().find(|f| f.streams == n).map(|f| f.gib_per_s);
@@ -737,6 +758,7 @@ pub fn run(
     Section {
         tcp: refs,
         tcp_memory,
+        tcp_memory_prealloc,
         rows,
         errors,
     }
