@@ -9,7 +9,7 @@ use crate::postcopy::wire::Listen;
 use crate::stream::frame::{Frame, FrameKind, FrameReader, StreamSource};
 use crate::stream::header::{Header, FEATURE_VALIDATE_UUID};
 use crate::stream::ram::{RamDirectory, RamRecord};
-use crate::stream::ranges::{decode_ranges, ranges_of, PageRange};
+use crate::stream::ranges::{decode_ascending_ranges, decode_ranges, ranges_of, PageRange};
 use crate::stream::StreamError;
 use crate::vm::DestVm;
 
@@ -388,7 +388,7 @@ pub fn load_stream_until<R: StreamSource>(
                 discard.extend(decode_ranges(payload, ram_size >> PAGE_SHIFT)?);
             }
             Frame::Other(FrameKind::DataRanges, payload) => {
-                progress.data_ranges(&decode_ranges(payload, ram_size >> PAGE_SHIFT)?)?;
+                progress.data_ranges(&decode_ascending_ranges(payload, ram_size >> PAGE_SHIFT)?)?;
             }
             Frame::Other(FrameKind::PostcopyListen, payload) => {
                 loader.settle()?;
@@ -495,20 +495,43 @@ mod tests {
 
     #[test]
     fn data_ranges_outside_guest_ram_are_refused() {
-        let dst = anon_ram(1 << 20);
-        for (first, count) in [(250, 7), (0, 0), (u64::MAX, 2)] {
-            let mut payload = Vec::new();
-            encode_ranges(&[PageRange { first, count }], &mut payload);
-            let mut out = FrameWriter::new(Vec::new());
-            out.frame(FrameKind::DataRanges, &payload).unwrap();
-            ending(&mut out);
-            let stream = out.into_inner();
-            let mut loader = RamLoader::new(&dst, true);
-            let mut seen = Seen::default();
-            let e = load_stream(&mut FrameReader::new(&stream[..]), &mut loader, &mut seen)
-                .unwrap_err();
-            assert!(e.to_string().contains("page range"), "{first}+{count}: {e}");
-            assert!(seen.0.is_empty());
+        for range in [(250, 7), (0, 0), (u64::MAX, 2)] {
+            refuse_data_ranges(&[range], "outside guest RAM");
         }
+    }
+
+    #[test]
+    fn overlapping_or_unordered_data_ranges_are_refused() {
+        // A thousand copies of one whole-RAM range would otherwise make the destination plan
+        // its populate over a thousand times its RAM.
+        refuse_data_ranges(&[(0, 256); 1000], "overlaps or precedes");
+        refuse_data_ranges(&[(10, 5), (12, 1)], "overlaps or precedes");
+        refuse_data_ranges(&[(10, 5), (3, 1)], "overlaps or precedes");
+    }
+
+    /// Loads a stream whose DATA_RANGES frame holds `ranges` and expects the load to fail,
+    /// with `refused` in its error, before any page.
+    fn refuse_data_ranges(ranges: &[(u64, u64)], refused: &str) {
+        let dst = anon_ram(1 << 20);
+        let list: Vec<PageRange> = ranges
+            .iter()
+            .map(|&(first, count)| PageRange { first, count })
+            .collect();
+        let mut payload = Vec::new();
+        encode_ranges(&list, &mut payload);
+        let mut out = FrameWriter::new(Vec::new());
+        out.frame(FrameKind::DataRanges, &payload).unwrap();
+        ending(&mut out);
+        let stream = out.into_inner();
+        let mut loader = RamLoader::new(&dst, true);
+        let mut seen = Seen::default();
+        let e =
+            load_stream(&mut FrameReader::new(&stream[..]), &mut loader, &mut seen).unwrap_err();
+        assert!(
+            e.to_string().contains(refused),
+            "{:?}: {e}",
+            &list[..list.len().min(2)]
+        );
+        assert!(seen.0.is_empty());
     }
 }

@@ -282,7 +282,6 @@ fn wait_ready(
 ) -> Result<(Vec<PageRange>, bool), PostcopyError> {
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut early = Vec::new();
-    let in_ram = |r: &PageRange| r.first.checked_add(r.count).is_some_and(|e| e <= pages);
     loop {
         if !resume && shared.cancelled() {
             return Err(PostcopyError::Vm("migration was cancelled".into()));
@@ -295,11 +294,13 @@ fn wait_ready(
         }
         match rx.recv_timeout(left.min(Duration::from_millis(100))) {
             Ok(Ok(Reply::Need(rs))) => {
-                for r in rs.iter().filter(|r| in_ram(r)) {
+                for r in rs.iter().filter(|r| r.within(pages)) {
                     to_send.set_range(r.first, r.count);
                 }
             }
-            Ok(Ok(Reply::PageRequest(rs))) => early.extend(rs.into_iter().filter(in_ram)),
+            Ok(Ok(Reply::PageRequest(rs))) => {
+                early.extend(rs.into_iter().filter(|r| r.within(pages)))
+            }
             Ok(Ok(Reply::PostcopyReady)) if !resume => return Ok((early, false)),
             Ok(Ok(Reply::ResumeReady { started })) if resume => return Ok((early, started)),
             Ok(Ok(Reply::Failed(why))) => {
@@ -454,14 +455,13 @@ impl Postcopy<'_> {
 
     fn handle(&mut self, m: RpMsg) -> Result<(), PostcopyError> {
         let pages = self.ram.page_count();
-        let in_ram = |r: &PageRange| r.first.checked_add(r.count).is_some_and(|e| e <= pages);
         match m {
             Ok(Reply::PageRequest(rs)) => {
-                let rs: Vec<PageRange> = rs.into_iter().filter(in_ram).collect();
+                let rs: Vec<PageRange> = rs.into_iter().filter(|r| r.within(pages)).collect();
                 self.serve_requests(&rs)
             }
             Ok(Reply::Received(rs)) => {
-                let rs: Vec<PageRange> = rs.into_iter().filter(in_ram).collect();
+                let rs: Vec<PageRange> = rs.into_iter().filter(|r| r.within(pages)).collect();
                 for r in &rs {
                     self.acked.set_range(r.first, r.count);
                 }

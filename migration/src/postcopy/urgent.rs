@@ -14,6 +14,7 @@ use crate::rate_limit::RateLimiter;
 use crate::source::ram_sender::RamSender;
 use crate::source::Shared;
 use crate::stream::frame::FrameWriter;
+use crate::stream::ranges::PageRange;
 use crate::stream::Reply;
 use crate::transport::Channel;
 
@@ -102,18 +103,16 @@ fn serve(mut reader: Channel, writer: Channel, ctx: &UrgentContext) {
         );
         let mut n = 0u64;
         let mut result = Ok(());
-        for r in &ranges {
-            for p in r.pages().filter(|&p| p < pages) {
-                if ctx.acked.get(p) {
-                    continue;
-                }
-                ctx.to_send.test_and_clear(p);
-                if let Err(e) = sender.send_page(p) {
-                    result = Err(e);
-                    break;
-                }
-                n += 1;
+        for p in pages_in_ram(&ranges, pages) {
+            if ctx.acked.get(p) {
+                continue;
             }
+            ctx.to_send.test_and_clear(p);
+            if let Err(e) = sender.send_page(p) {
+                result = Err(e);
+                break;
+            }
+            n += 1;
         }
         let result = result.and_then(|_| sender.finish());
         ctx.shared
@@ -126,5 +125,37 @@ fn serve(mut reader: Channel, writer: Channel, ctx: &UrgentContext) {
                 .send(Err(format!("sending on the preempt channel: {e}")));
             return;
         }
+    }
+}
+
+/// The pages of the requested `ranges`, in order. Ranges come from the destination checked
+/// only for overflow (decoded against u64::MAX): one that reaches past the `pages` pages of
+/// RAM is ignored whole, as on the main channel, rather than walked up to u64::MAX.
+fn pages_in_ram(ranges: &[PageRange], pages: u64) -> impl Iterator<Item = u64> + '_ {
+    ranges
+        .iter()
+        .filter(move |r| r.within(pages))
+        .flat_map(PageRange::pages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_reaching_past_ram_are_ignored_whole_not_walked() {
+        let r = |first, count| PageRange { first, count };
+        let asked = [
+            r(2, 3),
+            r(0, u64::MAX),
+            r(10, u64::MAX - 10),
+            r(15, 2),
+            r(14, 2),
+        ];
+        // Before the fix the two huge ranges were walked page by page to u64::MAX.
+        assert_eq!(
+            pages_in_ram(&asked, 16).collect::<Vec<_>>(),
+            vec![2, 3, 4, 14, 15]
+        );
     }
 }

@@ -23,6 +23,13 @@ impl PageRange {
     pub fn pages(&self) -> std::ops::Range<u64> {
         self.first..self.first.saturating_add(self.count)
     }
+
+    /// Whether the range lies wholly within the first `pages` pages.
+    pub fn within(&self, pages: u64) -> bool {
+        self.first
+            .checked_add(self.count)
+            .is_some_and(|e| e <= pages)
+    }
 }
 
 /// Appends the encoding of `ranges` to `out`.
@@ -63,6 +70,23 @@ pub fn decode_ranges(b: &[u8], pages: u64) -> Result<Vec<PageRange>> {
         out.push(r);
     }
     Ok(out)
+}
+
+/// Decodes ranges as [`decode_ranges`] does and also refuses ranges that overlap or are out
+/// of order, so the list covers at most `pages` pages however long it is (a DATA_RANGES
+/// frame, which the destination populates chunk by chunk).
+pub fn decode_ascending_ranges(b: &[u8], pages: u64) -> Result<Vec<PageRange>> {
+    let ranges = decode_ranges(b, pages)?;
+    if let Some(w) = ranges
+        .windows(2)
+        .find(|w| w[1].first < w[0].first + w[0].count)
+    {
+        return Err(StreamError::Invalid(format!(
+            "page range {}+{} overlaps or precedes {}+{}",
+            w[1].first, w[1].count, w[0].first, w[0].count
+        )));
+    }
+    Ok(ranges)
 }
 
 /// The runs of set bits of `bitmap`, in order.
@@ -201,6 +225,42 @@ pub fn coarsened(ranges: &[(u64, u64)], min_gap: u64, max_ranges: usize) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn within_counts_the_end_and_survives_overflow() {
+        let r = |first, count| PageRange { first, count };
+        assert!(r(0, 16).within(16));
+        assert!(r(15, 1).within(16));
+        assert!(!r(15, 2).within(16));
+        assert!(!r(16, 1).within(16));
+        assert!(!r(1, u64::MAX).within(u64::MAX));
+    }
+
+    #[test]
+    fn ascending_ranges_refuse_overlap_and_disorder_but_allow_neighbours() {
+        let enc = |rs: &[(u64, u64)]| {
+            let list: Vec<PageRange> = rs
+                .iter()
+                .map(|&(first, count)| PageRange { first, count })
+                .collect();
+            let mut b = Vec::new();
+            encode_ranges(&list, &mut b);
+            b
+        };
+        assert_eq!(
+            decode_ascending_ranges(&enc(&[(0, 4), (4, 2), (9, 1)]), 10)
+                .unwrap()
+                .len(),
+            3
+        );
+        for bad in [&[(0, 4), (3, 2)][..], &[(5, 1), (5, 1)], &[(5, 1), (0, 1)]] {
+            let e = decode_ascending_ranges(&enc(bad), 10).unwrap_err();
+            assert!(
+                e.to_string().contains("overlaps or precedes"),
+                "{bad:?}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn coarsened_merges_close_neighbours_and_fits_the_limit() {
