@@ -47,6 +47,9 @@ impl Drop for Finished<'_> {
     }
 }
 
+/// Compressed pages queued per worker before the loader waits (at most 8 KiB each).
+const QUEUED_PER_THREAD: usize = 64;
+
 impl DecompressPool {
     /// Starts `threads` workers writing into `ram` and recording pages in `book`; with
     /// `error_check` off (QEMU's `decompress-error-check`), a page that does not inflate is
@@ -58,7 +61,10 @@ impl DecompressPool {
         threads: u8,
         error_check: bool,
     ) -> Result<Self, CompressPoolError> {
-        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        // Bounded: a loader reading faster than the workers inflate waits for them instead of
+        // queueing copies of the compressed pages without limit.
+        let (tx, rx) =
+            crossbeam_channel::bounded::<Job>(QUEUED_PER_THREAD * usize::from(threads.max(1)));
         let state: Arc<(Mutex<Progress>, Condvar)> = Arc::default();
         let mut workers = Vec::new();
         for i in 0..threads.max(1) {
