@@ -33,8 +33,8 @@ pub(super) fn run(shared: Arc<Shared>, path: PathBuf, offset: u64) {
     let result = snapshot(&shared, &path, offset, &mut stopped_vcpus, &mut file_id);
     // Every protection is lifted by now (the protector is dropped inside `snapshot`).
     shared.options.clear_hooks();
-    match result {
-        Ok(()) => shared.set_status(MigrationStatus::Completed),
+    let status = match result {
+        Ok(()) => MigrationStatus::Completed,
         Err(e) => {
             if stopped_vcpus {
                 if let Err(r) = shared.vm.resume_vcpus() {
@@ -43,15 +43,17 @@ pub(super) fn run(shared: Arc<Shared>, path: PathBuf, offset: u64) {
             }
             remove_partial(&path, offset, file_id);
             if shared.cancelled() || matches!(e, SnapshotError::Cancelled) {
-                shared.set_status(MigrationStatus::Cancelled);
+                MigrationStatus::Cancelled
             } else {
                 eprintln!("ferry: background snapshot failed: {e}");
                 shared.set_error(&e);
-                shared.set_status(MigrationStatus::Failed);
+                MigrationStatus::Failed
             }
         }
-    }
+    };
+    // Settings are free again before the final state is announced (see source::precopy).
     shared.options.set_running(false);
+    shared.set_status(status);
 }
 
 /// Removes what a failed snapshot wrote: the file, or what follows `offset` in it — only

@@ -448,10 +448,21 @@ impl Outgoing {
         shared.set_status(MigrationStatus::Setup);
         let s = shared.clone();
         let u = uri.clone();
-        let thread = std::thread::Builder::new()
+        let thread = match std::thread::Builder::new()
             .name("migration".into())
             .spawn(move || precopy::run(s, u))
-            .map_err(|e| MigrationError::Vm(format!("cannot start the migration thread: {e}")))?;
+        {
+            Ok(t) => t,
+            Err(e) => {
+                // Nothing runs: the settings are free again and the migration failed.
+                let e = MigrationError::Vm(format!("cannot start the migration thread: {e}"));
+                options.clear_hooks();
+                options.set_running(false);
+                shared.set_error(&e);
+                shared.set_status(MigrationStatus::Failed);
+                return Err(e);
+            }
+        };
         let s = shared.clone();
         // Without its sampler the timeline still gets syncs and state changes.
         let _ = std::thread::Builder::new()

@@ -46,10 +46,10 @@ pub(super) fn run(shared: Arc<Shared>, uri: MigrationUri) {
     shared.vm.dirty_tracker().stop();
     shared.set_throttle(0);
     shared.options.clear_hooks();
-    match result {
+    let status = match result {
         Ok(()) => {
             shared.vm.migrated_away();
-            shared.set_status(MigrationStatus::Completed);
+            MigrationStatus::Completed
         }
         Err(e) => {
             if stopped_vcpus {
@@ -62,14 +62,14 @@ pub(super) fn run(shared: Arc<Shared>, uri: MigrationUri) {
                 shared.vm.migrated_away();
             }
             if shared.cancelled() {
-                shared.set_status(MigrationStatus::Cancelled);
+                MigrationStatus::Cancelled
             } else {
                 eprintln!("ferry: migration failed: {e}");
                 shared.set_error(&e);
-                shared.set_status(MigrationStatus::Failed);
+                MigrationStatus::Failed
             }
         }
-    }
+    };
     if let Some(ch) = shared
         .channel
         .lock()
@@ -78,8 +78,12 @@ pub(super) fn run(shared: Arc<Shared>, uri: MigrationUri) {
     {
         ch.shutdown();
     }
+    // Settings are free again before the final state is announced, as QEMU derives "a
+    // migration is running" from the state: a client that reacts to the event at once may
+    // change capabilities.
     shared.options.set_in_postcopy(false);
     shared.options.set_running(false);
+    shared.set_status(status);
 }
 
 /// Reads the destination's replies on a second handle of the channel, in a thread, until
