@@ -229,3 +229,92 @@ fn postcopy_commands_refuse_what_they_cannot_do_with_qemus_errors() {
     );
     assert_eq!(f.status(), "running", "nothing changed for the guest");
 }
+
+/// Whether `path` lies on tmpfs or hugetlbfs, where userfaultfd serves file-backed memory.
+fn on_uffd_capable_fs(path: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path without NUL");
+    // SAFETY: struct statfs is plain integers, for which all-zero bytes are a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs writes one struct statfs into the live local; `c` is a valid C string.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    matches!(st.f_type as i64, TMPFS_MAGIC | HUGETLBFS_MAGIC)
+}
+
+#[test]
+fn an_incoming_destination_probes_postcopy_from_its_command_line_on() {
+    let test = "an_incoming_destination_probes_postcopy_from_its_command_line_on";
+    if skip_unless(test, kvm_missing()) {
+        return;
+    }
+    // Guest memory in a plain file, which userfaultfd cannot serve (QEMU: "Host backend files
+    // need to be TMPFS or HUGETLBFS only"); the probe refuses postcopy-ram for it.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("postcopy-probe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    if on_uffd_capable_fs(&dir) {
+        eprintln!(
+            "skipping {test}: {} is on tmpfs or hugetlbfs",
+            dir.display()
+        );
+        return;
+    }
+    let image = dir.join("guest.img");
+    std::fs::write(&image, vec![0u8; 16 << 20]).expect("write the image");
+    let memory = format!("16M,mem-path={},share=on", image.display());
+    let start = |tag: &str, incoming: Option<&str>| {
+        Ferry::start(
+            tag,
+            &FerryOptions {
+                memory: memory.clone(),
+                workload: None,
+                incoming: incoming.map(str::to_string),
+                ..FerryOptions::default()
+            },
+        )
+    };
+    let postcopy_on = json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]});
+
+    // `--incoming defer` is the incoming side before `migrate-incoming`, as QEMU's
+    // RUN_STATE_INMIGRATE is from `-incoming defer` on: the set is refused at once.
+    let mut dst = start("probe-defer", Some("defer"));
+    let err = dst.cmd_err("migrate-set-capabilities", postcopy_on.clone());
+    assert!(err.starts_with("Postcopy is not supported: "), "{err}");
+    assert_eq!(
+        dst.cmd("query-migrate-capabilities", json!({}))
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["capability"] == "postcopy-ram"))
+            .map(|c| c["state"].clone()),
+        Some(json!(false)),
+        "a refused set changes nothing"
+    );
+    drop(dst);
+
+    // A source (not incoming) is not probed, as in QEMU.
+    let mut src = start("probe-source", None);
+    src.cmd("migrate-set-capabilities", postcopy_on);
+    drop(src);
+
+    // The same through -global at start-up: the whole set is checked as the incoming side.
+    let out = std::process::Command::new(tests::ferry_bin())
+        .args(["run", "--memory", &memory, "--serial", "none"])
+        .args([
+            "--incoming",
+            "defer",
+            "--global",
+            "migration.x-postcopy-ram=on",
+        ])
+        .output()
+        .expect("run ferry");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--global: Postcopy is not supported: "),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -62,16 +62,19 @@ impl MigrationOptions {
     }
 
     /// Starts from the given settings after checking them as a whole (as
-    /// QEMU's `migration_object_check` does for `-global migration.*`).
+    /// QEMU's `migration_object_check` does for `-global migration.*`). `incoming`: the
+    /// process was started to receive a migration (`--incoming`, `defer` too): QEMU is in
+    /// RUN_STATE_INMIGRATE from the command line on, so postcopy-ram is probed on the host.
     pub fn with_settings(
         caps: Capabilities,
         params: Parameters,
         host: &dyn HostSupport,
+        incoming: bool,
     ) -> Result<Self, OptionsError> {
         check_parameters(&params, &caps)?;
         let ctx = CapsCheckContext {
             params: &params,
-            incoming: false,
+            incoming,
             host,
         };
         check_capabilities(&Capabilities::new(), &caps, &ctx)?;
@@ -80,6 +83,7 @@ impl MigrationOptions {
             state: RwLock::new(State {
                 caps,
                 params: Arc::new(params),
+                incoming,
                 ..State::default()
             }),
         })
@@ -190,6 +194,20 @@ impl MigrationOptions {
     /// Called by the migration controller when the migration enters or leaves postcopy.
     pub fn set_in_postcopy(&self, in_postcopy: bool) {
         self.write().in_postcopy = in_postcopy;
+    }
+
+    /// Enters postcopy and runs `apply` with the parameters then in force (to switch to
+    /// `max-postcopy-bandwidth`), serialised with `migrate-set-parameters` as QEMU's big lock
+    /// serialises them: a concurrent `max-bandwidth` change lands either before (and `apply`
+    /// overrides it) or after (and, in postcopy, leaves the rate alone), never in between.
+    pub fn enter_postcopy(&self, apply: impl FnOnce(&Parameters)) {
+        let _serial = self.lock_setters();
+        let params = {
+            let mut state = self.write();
+            state.in_postcopy = true;
+            Arc::clone(&state.params)
+        };
+        apply(&params);
     }
 
     /// Whether the running migration is in postcopy.
@@ -311,6 +329,38 @@ mod tests {
         o.set_running(false);
         o.set_capabilities(&[on(Capability::Events)], &host())
             .unwrap();
+    }
+
+    #[test]
+    fn an_incoming_process_probes_postcopy_in_its_start_settings_and_later_sets() {
+        let refusing = FixedHostSupport {
+            postcopy: Err("Host backend files need to be TMPFS or HUGETLBFS only".into()),
+            ..host()
+        };
+        let mut caps = Capabilities::new();
+        caps.set(Capability::PostcopyRam, true);
+        // Not incoming: the probe is not run (as QEMU outside RUN_STATE_INMIGRATE).
+        assert!(
+            MigrationOptions::with_settings(caps, Parameters::default(), &refusing, false).is_ok()
+        );
+        let err = MigrationOptions::with_settings(caps, Parameters::default(), &refusing, true)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Postcopy is not supported: Host backend files need to be TMPFS or HUGETLBFS only"
+        );
+        // Started incoming (`--incoming defer`), a later set probes too.
+        let o = MigrationOptions::with_settings(
+            Capabilities::new(),
+            Parameters::default(),
+            &refusing,
+            true,
+        )
+        .unwrap();
+        assert!(o.is_incoming());
+        assert!(o
+            .set_capabilities(&[on(Capability::PostcopyRam)], &refusing)
+            .is_err());
     }
 
     #[test]
@@ -459,7 +509,10 @@ mod tests {
             ]
         );
         // Postcopy: the XBZRLE cache and the postcopy limit, not max-bandwidth.
-        o.set_in_postcopy(true);
+        let mut seen = None;
+        o.enter_postcopy(|p| seen = Some(p.max_postcopy_bandwidth));
+        assert_eq!(seen, Some(77), "the switch applies the limit then in force");
+        assert!(o.in_postcopy());
         o.set_parameters(&all).unwrap();
         assert_eq!(
             hooks.calls()[2..],
@@ -535,15 +588,19 @@ mod tests {
             multifd_channels: 0,
             ..Default::default()
         };
-        let err = MigrationOptions::with_settings(Capabilities::new(), bad, &host()).unwrap_err();
+        let err =
+            MigrationOptions::with_settings(Capabilities::new(), bad, &host(), false).unwrap_err();
         assert_eq!(
             err.to_string(),
             "Parameter 'multifd_channels' expects a value between 1 and 255"
         );
         let caps: Capabilities = [Capability::Block].into_iter().collect();
-        assert!(MigrationOptions::with_settings(caps, Parameters::default(), &host()).is_err());
+        assert!(
+            MigrationOptions::with_settings(caps, Parameters::default(), &host(), false).is_err()
+        );
         let caps: Capabilities = [Capability::Multifd].into_iter().collect();
-        let o = MigrationOptions::with_settings(caps, Parameters::default(), &host()).unwrap();
+        let o =
+            MigrationOptions::with_settings(caps, Parameters::default(), &host(), false).unwrap();
         assert!(o.caps().get(Capability::Multifd));
     }
 

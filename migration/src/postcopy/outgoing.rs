@@ -116,11 +116,10 @@ pub(crate) fn run(
         crate::source::send_keepalive(&mut out)
     })?;
     shared.set_status(MigrationStatus::PostcopyActive);
-    shared.options.set_in_postcopy(true);
-    shared.set_throttle(0);
     shared
-        .limiter
-        .set_limit(shared.options.params().max_postcopy_bandwidth);
+        .options
+        .enter_postcopy(|p| shared.limiter.set_limit(p.max_postcopy_bandwidth));
+    shared.set_throttle(0);
     shared.limiter.restore();
     h.tracker.sync(&h.bitmap).map_err(MigrationError::Vm)?;
     shared.counters.inc_dirty_sync_count();

@@ -234,11 +234,13 @@ pub fn run(a: RunArgs) -> i32 {
         }
     };
     // The -global settings are checked as a whole, as QEMU's migration_object_check does,
-    // before the guest runs.
+    // before the guest runs; with --incoming (defer too) this process is the incoming side
+    // from the start, as QEMU is in RUN_STATE_INMIGRATE from its command line on.
     let options = match MigrationOptions::with_settings(
         globals.caps,
         globals.params.clone(),
         &GuestRamSupport::new(machine.ram()),
+        incoming.is_some(),
     ) {
         Ok(o) => Arc::new(o),
         Err(e) => {
