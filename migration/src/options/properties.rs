@@ -260,9 +260,14 @@ fn parse_bool(name: &str, v: &str) -> Result<bool, String> {
     }
 }
 
-/// An unsigned integer as QEMU's string input visitor reads it (decimal, 0x hex, 0 octal).
+/// An unsigned integer as QEMU's string input visitor reads it (`qemu_strtou64`, base 0:
+/// decimal, 0x hex, 0 octal; a minus sign wraps, as strtoull does, so `-1` is 2^64-1).
 fn parse_uint(name: &str, v: &str, max: u64, ctype: &str) -> Result<u64, String> {
     let t = v.trim();
+    let (negative, t) = match t.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
     let parsed = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
         u64::from_str_radix(h, 16)
     } else if t.len() > 1 && t.starts_with('0') {
@@ -270,10 +275,11 @@ fn parse_uint(name: &str, v: &str, max: u64, ctype: &str) -> Result<u64, String>
     } else {
         t.parse::<u64>()
     };
-    match parsed {
+    match parsed.map(|n| if negative { n.wrapping_neg() } else { n }) {
         Ok(n) if n <= max => Ok(n),
         Ok(_) => Err(format!("Parameter '{name}' expects {ctype}")),
-        Err(_) => Err(format!("Parameter '{name}' expects a number")),
+        // The visitor's own words (QERR_INVALID_PARAMETER_VALUE with "uint64").
+        Err(_) => Err(format!("Parameter '{name}' expects uint64")),
     }
 }
 
@@ -432,6 +438,19 @@ mod tests {
             apply_global_arg(&mut s, "migration.multifd-compression=lz4")
                 .unwrap_err()
                 .ends_with("Parameter 'multifd-compression' does not accept value 'lz4'")
+        );
+        for v in ["abc", "08", "1x", "--1"] {
+            assert_eq!(
+                apply_global_arg(&mut s, &format!("migration.x-compress-level={v}")).unwrap_err(),
+                format!(
+                    "can't apply global migration.x-compress-level={v}: Parameter 'x-compress-level' expects uint64"
+                )
+            );
+        }
+        // strtoull wraps a minus sign: -1 is 2^64-1, too big for a uint8_t.
+        assert_eq!(
+            apply_global_arg(&mut s, "migration.x-compress-level=-1").unwrap_err(),
+            "can't apply global migration.x-compress-level=-1: Parameter 'x-compress-level' expects uint8_t"
         );
         assert!(apply_global_arg(&mut s, "migration.xbzrle-cache-size=lots").is_err());
         assert!(apply_global_arg(&mut s, "virtio-net.mac=1").is_err());
