@@ -265,8 +265,13 @@ impl GuestControl {
         }
         let mut report = VerifyReport::default();
         for i in 0..n {
-            report.pages_checked += self.read(i, mailbox::VERIFY_CHECKED)?;
-            report.bad_pages += self.read(i, mailbox::VERIFY_BAD)?;
+            // The guest writes these: saturate rather than overflow.
+            report.pages_checked = report
+                .pages_checked
+                .saturating_add(self.read(i, mailbox::VERIFY_CHECKED)?);
+            report.bad_pages = report
+                .bad_pages
+                .saturating_add(self.read(i, mailbox::VERIFY_BAD)?);
         }
         Ok(report)
     }

@@ -331,7 +331,10 @@ pub fn command_table(vmm: &Arc<Vmm>) -> CommandTable {
             .control()
             .ok_or_else(|| QmpError::generic("the guest has not started yet"))?;
         let p = c.progress().map_err(generic)?;
-        let total: u64 = p.iter().map(|x| x.pages_written).sum();
+        // Guest-written counters: saturate rather than overflow.
+        let total = p
+            .iter()
+            .fold(0u64, |a, x| a.saturating_add(x.pages_written));
         Ok(json!({
             "pages-written": total,
             "vcpus": p.iter().map(|x| json!({
