@@ -428,7 +428,7 @@ mod tests {
     use crate::rate_limit::RateLimiter;
     use crate::source::ram_sender::RamSender;
     use crate::stream::frame::FrameWriter;
-    use crate::stream::ranges::encode_ranges;
+    use crate::stream::ranges::encoded_pairs;
     use crate::test_pages::{anon_ram, fill_mixed};
 
     /// Records the DATA_RANGES the loader reports.
@@ -513,14 +513,9 @@ mod tests {
     /// with `refused` in its error, before any page.
     fn refuse_data_ranges(ranges: &[(u64, u64)], refused: &str) {
         let dst = anon_ram(1 << 20);
-        let list: Vec<PageRange> = ranges
-            .iter()
-            .map(|&(first, count)| PageRange { first, count })
-            .collect();
-        let mut payload = Vec::new();
-        encode_ranges(&list, &mut payload);
         let mut out = FrameWriter::new(Vec::new());
-        out.frame(FrameKind::DataRanges, &payload).unwrap();
+        out.frame(FrameKind::DataRanges, &encoded_pairs(ranges))
+            .unwrap();
         ending(&mut out);
         let stream = out.into_inner();
         let mut loader = RamLoader::new(&dst, true);
@@ -530,7 +525,7 @@ mod tests {
         assert!(
             e.to_string().contains(refused),
             "{:?}: {e}",
-            &list[..list.len().min(2)]
+            &ranges[..ranges.len().min(2)]
         );
         assert!(seen.0.is_empty());
     }

@@ -89,6 +89,18 @@ pub fn decode_ascending_ranges(b: &[u8], pages: u64) -> Result<Vec<PageRange>> {
     Ok(ranges)
 }
 
+/// The encoding of `(first, count)` pairs (for tests that build frames by hand).
+#[cfg(test)]
+pub(crate) fn encoded_pairs(pairs: &[(u64, u64)]) -> Vec<u8> {
+    let list: Vec<PageRange> = pairs
+        .iter()
+        .map(|&(first, count)| PageRange { first, count })
+        .collect();
+    let mut b = Vec::new();
+    encode_ranges(&list, &mut b);
+    b
+}
+
 /// The runs of set bits of `bitmap`, in order.
 pub fn ranges_of(bitmap: &AtomicBitmap) -> Vec<PageRange> {
     runs(bitmap, false)
@@ -238,15 +250,7 @@ mod tests {
 
     #[test]
     fn ascending_ranges_refuse_overlap_and_disorder_but_allow_neighbours() {
-        let enc = |rs: &[(u64, u64)]| {
-            let list: Vec<PageRange> = rs
-                .iter()
-                .map(|&(first, count)| PageRange { first, count })
-                .collect();
-            let mut b = Vec::new();
-            encode_ranges(&list, &mut b);
-            b
-        };
+        let enc = encoded_pairs;
         assert_eq!(
             decode_ascending_ranges(&enc(&[(0, 4), (4, 2), (9, 1)]), 10)
                 .unwrap()
