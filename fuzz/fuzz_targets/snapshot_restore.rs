@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use devices::{GuestControl, Serial, SerialOutput};
-use ferry_fuzz::{ram, stream_input, NoProgress, SliceSource};
+use ferry_fuzz::{ram, stream_input, CheckedProgress, SliceSource};
 use libfuzzer_sys::fuzz_target;
 use migration::dest::loader::{check_header, load_stream_until, LoadEnd, RamLoader};
 use migration::multifd::packet::Method;
@@ -79,9 +79,13 @@ fuzz_target!(|data: &[u8]| {
     let ram = vm.ram();
     let mut reader = FrameReader::new(SliceSource(&frames[..]));
     let mut loader = RamLoader::new(&ram, false);
-    if let Ok(LoadEnd::Complete(state)) =
-        load_stream_until(&mut reader, &mut loader, &mut NoProgress)
-    {
+    if let Ok(LoadEnd::Complete(state)) = load_stream_until(
+        &mut reader,
+        &mut loader,
+        &mut CheckedProgress {
+            pages: ram.page_count(),
+        },
+    ) {
         let _ = restore_devices(&ram, &state);
     }
 });

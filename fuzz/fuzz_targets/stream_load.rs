@@ -9,7 +9,7 @@
 
 #![no_main]
 
-use ferry_fuzz::{ram, stream_input, NoProgress, SliceSource};
+use ferry_fuzz::{ram, stream_input, CheckedProgress, SliceSource};
 use libfuzzer_sys::fuzz_target;
 use migration::dest::loader::{load_stream, RamLoader};
 use migration::stream::frame::FrameReader;
@@ -24,5 +24,11 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut reader = FrameReader::new(SliceSource(&frames[..]));
     let mut loader = RamLoader::new(&ram, false);
-    let _ = load_stream(&mut reader, &mut loader, &mut NoProgress);
+    let _ = load_stream(
+        &mut reader,
+        &mut loader,
+        &mut CheckedProgress {
+            pages: ram.page_count(),
+        },
+    );
 });

@@ -42,11 +42,35 @@ pub fn ram() -> Arc<GuestRam> {
     .clone()
 }
 
-/// A load's progress callbacks, ignored.
-pub struct NoProgress;
+/// A load's progress callbacks: passes ignored; the DATA_RANGES a destination would populate
+/// ahead must be what the populate can take (inside RAM, ascending, disjoint: at most RAM's
+/// pages in all, however long the frame) — a panic here is a finding.
+pub struct CheckedProgress {
+    /// Pages of guest RAM.
+    pub pages: u64,
+}
 
-impl LoadProgress for NoProgress {
+impl LoadProgress for CheckedProgress {
     fn pass_end(&mut self, _pass: u64) -> migration::error::Result<()> {
+        Ok(())
+    }
+
+    fn data_ranges(
+        &mut self,
+        ranges: &[migration::stream::ranges::PageRange],
+    ) -> migration::error::Result<()> {
+        let mut next = 0u64;
+        for r in ranges {
+            assert!(
+                r.count > 0 && r.within(self.pages),
+                "range {r:?} outside RAM"
+            );
+            assert!(
+                r.first >= next,
+                "range {r:?} overlaps or precedes the one before"
+            );
+            next = r.first + r.count;
+        }
         Ok(())
     }
 }
