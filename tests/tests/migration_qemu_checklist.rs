@@ -234,3 +234,63 @@ fn pre_switchover_holds_the_source_guest_stopped_as_qemu_does() {
         b - a
     );
 }
+
+/// Waits for the MIGRATION event whose status is one of `ends`; returns that status.
+fn wait_migration_event(f: &mut Ferry, ends: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let e = f
+            .qmp()
+            .wait_event("MIGRATION", left)
+            .unwrap_or_else(|e| panic!("no MIGRATION event ending in {ends:?}: {e}"));
+        let status = e
+            .data
+            .as_ref()
+            .and_then(|d| d["status"].as_str())
+            .unwrap_or("?")
+            .to_string();
+        if ends.contains(&status.as_str()) {
+            return status;
+        }
+    }
+}
+
+#[test]
+fn capabilities_can_change_as_soon_as_the_final_event_arrives() {
+    let _one = one_guest_test_at_a_time();
+    let test = "capabilities_can_change_as_soon_as_the_final_event_arrives";
+    if skip_unless(test, kvm_missing()) {
+        return;
+    }
+    // QEMU derives "a migration is running" from the state: once `completed` or `failed`
+    // is announced, migrate-set-capabilities is accepted. A client that reacts to the event
+    // at once must not be told a migration is still in progress.
+    let guest = SMALL;
+    let mut src = start_source("final-event-src", &guest, guest.source(None));
+    let dir = tests::TempDir::new("final-event");
+    let file = dir.join("migration.bin");
+    for (uri, end) in [
+        ("tcp:127.0.0.1:0".to_string(), "failed"),
+        (format!("file:{}", file.display()), "completed"),
+    ] {
+        set_caps(&mut src, &["events"]);
+        src.qmp().take_events();
+        migrate(&mut src, &uri);
+        assert_eq!(
+            wait_migration_event(&mut src, &["completed", "failed"]),
+            end
+        );
+        src.cmd(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "xbzrle", "state": true}]}),
+        );
+        src.cmd(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "xbzrle", "state": false}]}),
+        );
+        if end == "failed" {
+            assert_source_intact(&mut src, &guest);
+        }
+    }
+}
